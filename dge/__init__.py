@@ -1,0 +1,7 @@
+"""dge: the Dynamic Grained Encoder (NeurIPS 2021) for detectron2 and timm.
+
+``import dge`` registers every backbone, meta-architecture, dataset and timm model.
+"""
+from .config import add_dge_config
+
+__all__ = ["add_dge_config"]
