@@ -1,0 +1,8 @@
+"""Model-agnostic DGE parts: router, grained pooling, the encoder wrapper, complexity
+accounting and the attention kinds of the vanilla blocks."""
+from .attention import DeformableAttention, SpatialReductionAttention
+from .block import EncoderBlock, Mlp
+from .complexity import ComplexityReport, budget_loss, complexity_report, dge_modules
+from .encoder import DynamicGrainedEncoder, RoutingInfo
+from .grained import token_centers
+from .router import GrainedRouter

@@ -1,0 +1,198 @@
+"""Attention kinds of the vanilla encoder blocks, each attending from (sparse) queries to a
+dense context: ``attn(queries [B, M, C], context [B, E+H*W, C], hw, query_centers [B, M, 2])``.
+
+* ``SpatialReductionAttention``: PVT's attention (keys/values from an R×R strided conv of
+  the context); ``sr_ratio=1`` is plain global attention (ViT / DeiT).
+* ``DeformableAttention``: single-scale deformable attention (DPVT): each query samples
+  ``num_points`` values per head around its centre with ``F.grid_sample``.
+
+Each reports its cost as ``complexity(hw, num_extra) -> (fixed, per_query)`` multiply-adds:
+the context side (keys, values) is fixed, the query side grows with the number of queries.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad"]
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``scale`` backward."""
+    if scale == 1.0:
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention with spatially reduced keys/values (PVT v1).
+
+    Args:
+        dim: channels C.
+        num_heads: heads; must divide ``dim``.
+        qkv_bias: bias of the q and kv projections.
+        sr_ratio: R; keys/values come from an R×R stride-R conv + LayerNorm of the context
+            (R = 1: no reduction, global attention).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        sr_ratio: int = 1,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads must divide dim {dim}; got {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def num_keys(self, hw: Tuple[int, int], num_extra: int = 0) -> int:
+        h, w = hw
+        if self.sr_ratio > 1:
+            return num_extra + (h // self.sr_ratio) * (w // self.sr_ratio)
+        return num_extra + h * w
+
+    def keys_values(self, context: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """context [B, E+H*W, C] -> keys, values [B, heads, Nk, head_dim]."""
+        b, n, c = context.shape
+        if self.sr_ratio > 1:
+            h, w = hw
+            extra, spatial = context[:, : n - h * w], context[:, n - h * w:]
+            spatial = spatial.transpose(1, 2).reshape(b, c, h, w)
+            spatial = self.sr(spatial).flatten(2).transpose(1, 2)
+            context = self.norm(torch.cat([extra, spatial], dim=1) if extra.shape[1] else spatial)
+        kv = self.kv(context).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        hw: Tuple[int, int],
+        query_centers: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        b, m, c = queries.shape
+        k, v = self.keys_values(context, hw)
+        q = self.q(queries).reshape(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        x = x.transpose(1, 2).reshape(b, m, c)
+        return self.proj_drop(self.proj(x))
+
+    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
+        c = self.dim
+        h, w = hw
+        nk = self.num_keys(hw, num_extra)
+        fixed = 0.0
+        if self.sr_ratio > 1:
+            nr = nk - num_extra
+            fixed += nr * c * c * self.sr_ratio**2  # sr conv
+            fixed += 5.0 * nk * c  # its LayerNorm
+        fixed += nk * c * 2 * c  # kv projection
+        per_query = c * c  # q projection
+        per_query += 2.0 * nk * c  # q·kᵀ and attn·v
+        per_query += c * c  # output projection
+        return fixed, per_query
+
+
+class DeformableAttention(nn.Module):
+    """Single-scale deformable attention (DPVT), in pure PyTorch.
+
+    Each query predicts, per head, ``num_points`` offsets (in tokens) from its centre and
+    softmax weights; values are sampled bilinearly (zeros outside the map) and summed. As
+    in vtpack's DPVT, sampling offsets start on a ring per head and their gradient is
+    scaled by ``offset_grad_scale``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_points: int = 4,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        offset_grad_scale: float = 0.1,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads must divide dim {dim}; got {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_points = num_points
+        self.offset_grad_scale = offset_grad_scale
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_weight = nn.Linear(dim, num_heads * num_points)
+        self.offsets = nn.Linear(dim, num_heads * num_points * 2)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._reset_offsets()
+
+    def _reset_offsets(self) -> None:
+        nn.init.zeros_(self.offsets.weight)
+        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        ring = torch.stack([theta.cos(), theta.sin()], dim=-1)  # (x, y) per head
+        ring = ring / ring.abs().max(dim=-1, keepdim=True)[0]
+        ring = ring[:, None, :] * torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, :, None]
+        with torch.no_grad():
+            self.offsets.bias.copy_(ring.reshape(-1))
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        hw: Tuple[int, int],
+        query_centers: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """query_centers: [B, M, 2] (y, x) in token units (token (i, j) is centred at
+        (i + 0.5, j + 0.5)); required."""
+        if query_centers is None:
+            raise ValueError("DeformableAttention needs query_centers [B, M, 2]")
+        b, m, c = queries.shape
+        h, w = hw
+        heads, points, d = self.num_heads, self.num_points, self.head_dim
+        spatial = context[:, context.shape[1] - h * w:]
+        value = self.v(spatial).view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
+        offsets = self.offsets(queries).view(b, m, heads, points, 2)  # (x, y) in tokens
+        weights = self.attn_drop(self.attn_weight(queries).view(b, m, heads, points).softmax(dim=-1))
+        # Sampling locations in [-1, 1] (grid_sample, align_corners=False): 2 * xy / wh - 1.
+        center_xy = query_centers.flip(-1)[:, :, None, None, :]
+        loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
+        scale = loc.new_tensor([2.0 / w, 2.0 / h])
+        grid = (loc * scale - 1.0).permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
+        sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # sampled: [B*heads, d, M, points]; weights -> [B*heads, 1, M, points]
+        weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, m, points)
+        x = (sampled * weights).sum(dim=-1)  # [B*heads, d, M]
+        x = x.view(b, heads * d, m).transpose(1, 2)
+        return self.proj_drop(self.proj(x))
+
+    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
+        c = self.dim
+        h, w = hw
+        hp = self.num_heads * self.num_points
+        fixed = float(h * w * c * c)  # value projection
+        per_query = c * hp * 3.0  # offsets (2 per point) and attention weights
+        per_query += hp * self.head_dim * 4.0  # bilinear sampling: 4 taps per value
+        per_query += hp * self.head_dim  # weighted sum over points
+        per_query += c * c  # output projection
+        return fixed, per_query

@@ -1,0 +1,76 @@
+"""The vanilla encoder block, in the form every DGE block wraps.
+
+Protocol: ``block(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2])``
+returns the updated queries [B, M, C] (residuals inside). The vanilla model calls
+``block(x, x, hw, centers)``; a Dynamic Grained Encoder calls it with pooled queries.
+"""
+from typing import Optional, Tuple
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+__all__ = ["Mlp", "EncoderBlock"]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    def complexity(self) -> float:
+        """Multiply-adds per token."""
+        return float(2 * self.fc1.in_features * self.fc1.out_features)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x), norm1(context))``, then
+    ``x + mlp(norm2(x))``. ``attn`` is any attention of ``dge.layers.attention``.
+
+    When ``context is queries`` (the vanilla call) ``norm1`` runs once.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        attn: nn.Module,
+        mlp_ratio: float = 4.0,
+        drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        hw: Tuple[int, int],
+        query_centers: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        q = self.norm1(queries)
+        ctx = q if context is queries else self.norm1(context)
+        x = queries + self.drop_path(self.attn(q, ctx, hw, query_centers))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
+        """(fixed, per_query) multiply-adds, fvcore's convention (LayerNorm: 5 per element,
+        softmax/GELU/additions: 0). Fixed: ``norm1`` of the context and the attention's
+        key/value side; per query: everything else. (The vanilla call shares ``norm1`` of
+        queries and context; counting it twice is off by < 0.2% of a block.)"""
+        n = hw[0] * hw[1] + num_extra
+        fixed, per_query = self.attn.complexity(hw, num_extra)
+        norm = 5.0 * self.dim
+        return fixed + norm * n, per_query + 2 * norm + self.mlp.complexity()

@@ -1,0 +1,74 @@
+"""Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model."""
+from dataclasses import dataclass
+from typing import Iterable, List, Union
+
+import torch
+from torch import nn
+
+from .encoder import DynamicGrainedEncoder
+
+__all__ = ["ComplexityReport", "dge_modules", "complexity_report", "budget_loss"]
+
+
+def dge_modules(model: nn.Module) -> List[DynamicGrainedEncoder]:
+    """Every DGE block of ``model``, in forward (registration) order."""
+    return [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
+
+
+@dataclass
+class ComplexityReport:
+    """β of the last forward.
+
+    Attributes:
+        beta: [B] Σ_l dynamic_l / Σ_l static_l per image; in training its gradient is the
+            straight-through one of Eq. 7.
+        layer_beta: [L, B] dynamic_l / static_l per DGE block.
+        dynamic_flops: [L, B] multiply-adds of each DGE block per image (router included).
+        static_flops: [L] multiply-adds of the same blocks in the vanilla model.
+        names: [L] module names (when built from a model), else indices.
+    """
+
+    beta: torch.Tensor
+    layer_beta: torch.Tensor
+    dynamic_flops: torch.Tensor
+    static_flops: torch.Tensor
+    names: List[str]
+
+
+def complexity_report(model_or_blocks: Union[nn.Module, Iterable[DynamicGrainedEncoder]]) -> ComplexityReport:
+    """β of the last forward of a model (or of the given DGE blocks). Raises if a block has
+    not run since it was built."""
+    if isinstance(model_or_blocks, nn.Module):
+        named = [(n, m) for n, m in model_or_blocks.named_modules() if isinstance(m, DynamicGrainedEncoder)]
+    else:
+        named = [(str(i), m) for i, m in enumerate(model_or_blocks)]
+    if not named:
+        raise ValueError("the model has no DynamicGrainedEncoder blocks: no complexity ratio to compute")
+    missing = [n for n, m in named if m.last_routing is None]
+    if missing:
+        raise RuntimeError(f"DGE blocks {missing[:3]} have not run a forward yet")
+    dynamic = torch.stack([m.last_routing.dynamic_flops() for _, m in named])
+    static = dynamic.new_tensor([m.last_routing.static_flops() for _, m in named])
+    beta = dynamic.sum(dim=0) / static.sum()  # Eq. 7
+    return ComplexityReport(
+        beta=beta,
+        layer_beta=dynamic / static[:, None],
+        dynamic_flops=dynamic,
+        static_flops=static,
+        names=[n for n, _ in named],
+    )
+
+
+def budget_loss(beta: torch.Tensor, budget: float, weight: float = 1.0) -> torch.Tensor:
+    """λ(β − γ)² with β averaged over the batch (Eq. 8).
+
+    Args:
+        beta: [B] complexity ratio per image.
+        budget: γ ∈ [0, 1].
+        weight: λ ≥ 0.
+    """
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget must be in [0, 1]; got {budget}")
+    if weight < 0:
+        raise ValueError(f"budget loss weight must be >= 0; got {weight}")
+    return weight * (beta.mean() - budget) ** 2  # Eq. 8

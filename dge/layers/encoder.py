@@ -1,0 +1,273 @@
+"""The Dynamic Grained Encoder (Sec. 3.2): sparse queries for any vanilla encoder block."""
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .grained import StaticLayout, gather_queries, pack_queries, pooled_means, static_layout, unpack_tokens
+from .router import GrainedRouter
+
+__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS"]
+
+ROUTING_KINDS = ("region", "layer")
+
+
+@dataclass
+class RoutingInfo:
+    """What one forward of a DGE block decided, and what it cost.
+
+    Attributes:
+        granularity_map: [B, Hr, Wr] long, φ chosen per region.
+        num_queries: [B] long, spatial queries per image (extra tokens excluded).
+        query_count: [B] float ψ of Eq. 7: forward the hard count, backward the
+            straight-through soft count Σ p_i·n_i (differentiable in training).
+        hw: (H, W) of the feature map; num_extra: E extra tokens.
+        router_flops: multiply-adds of the router (0 when the map was given).
+        block_cost: (fixed, per_query) multiply-adds of the vanilla block.
+    """
+
+    granularity_map: torch.Tensor
+    num_queries: torch.Tensor
+    query_count: torch.Tensor
+    hw: Tuple[int, int]
+    num_extra: int
+    router_flops: float
+    block_cost: Tuple[float, float]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hw[0] * self.hw[1]
+
+    def dynamic_flops(self) -> torch.Tensor:
+        """[B] multiply-adds of this DGE block per image (router included)."""
+        fixed, per_query = self.block_cost
+        return fixed + self.router_flops + per_query * (self.query_count + self.num_extra)
+
+    def static_flops(self) -> float:
+        """Multiply-adds of the vanilla block on the same input."""
+        fixed, per_query = self.block_cost
+        return fixed + per_query * (self.num_tokens + self.num_extra)
+
+
+def _check_granularities(granularities: Sequence[int], region_size: Optional[int]) -> Tuple[int, ...]:
+    values = tuple(sorted({int(g) for g in granularities}))
+    if not values or any(g < 0 or g != int(g) for g in granularities):
+        raise ValueError(f"granularities must be a non-empty set of non-negative integers; got {tuple(granularities)}")
+    if max(values) == 0:
+        raise ValueError(f"granularities must contain a positive granularity; got {values}")
+    if region_size is not None:
+        bad = [g for g in values if g > 0 and region_size % g != 0]
+        if bad:
+            raise ValueError(f"granularities must divide the region size {region_size}; got {bad[0]}")
+    return values
+
+
+class DynamicGrainedEncoder(nn.Module):
+    """Wraps a vanilla encoder block (``dge.layers.block`` protocol) with a router that gives
+    each S×S region one granularity φ ∈ Φ; the block runs on one pooled query per φ×φ
+    patch against the dense input, and ``x + unpool(block(q, x) - q)`` is returned.
+
+    Args:
+        block: the vanilla block, ``block(queries, context, hw, query_centers)``.
+        dim: channels C.
+        granularities: Φ, e.g. (1, 2, 4); 0 means "skip the region".
+        region_size: S; default max(Φ). Every φ must divide it.
+        routing: "region" (Sec. 3.2.2) or "layer" (the region is the whole map, Table 1).
+        gumbel_tau: τ of the soft score (Eq. 5).
+        dense_train: in training compute all K granularities and mix them with the one-hot
+            straight-through gate (vtpack's default); False computes only the chosen one
+            (Eq. 6 exactly, and cheaper).
+        num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
+        init_fine_prob: initial router probability of the finest granularity.
+
+    After each forward ``last_routing`` holds a ``RoutingInfo``.
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        dim: int,
+        granularities: Sequence[int] = (1, 2, 4),
+        region_size: Optional[int] = None,
+        routing: str = "region",
+        gumbel_tau: float = 1.0,
+        dense_train: bool = False,
+        num_extra_tokens: int = 0,
+        init_fine_prob: float = 0.95,
+    ):
+        super().__init__()
+        if routing not in ROUTING_KINDS:
+            raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {routing!r}")
+        if gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0; got {gumbel_tau}")
+        _check_granularities(granularities, None)
+        if region_size is None:
+            region_size = max(int(g) for g in granularities)
+        if region_size < 1:
+            raise ValueError(f"region_size must be >= 1; got {region_size}")
+        self.granularities = _check_granularities(granularities, region_size)
+        self.region_size = region_size
+        self.routing = routing
+        self.gumbel_tau = gumbel_tau
+        self.dense_train = dense_train
+        self.num_extra_tokens = num_extra_tokens
+        self.block = block
+        k = len(self.granularities)
+        fine = self.granularities.index(min(g for g in self.granularities if g > 0))
+        self.router = GrainedRouter(dim, k, fine_index=fine, init_fine_prob=init_fine_prob) if k > 1 else None
+        self.register_buffer("_phi", torch.tensor(self.granularities), persistent=False)
+        self.last_routing: Optional[RoutingInfo] = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"granularities={self.granularities}, region_size={self.region_size}, "
+            f"routing={self.routing}, gumbel_tau={self.gumbel_tau}, dense_train={self.dense_train}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A vanilla checkpoint stores the block's parameters without "block.": accept it.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if not rest.startswith(("block.", "router.")):
+                state_dict[prefix + "block." + rest] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ routing
+    def layout(self, hw: Tuple[int, int], device) -> StaticLayout:
+        region = self.region_size if self.routing == "region" else None
+        return static_layout(hw[0], hw[1], self.granularities, region, torch.device(device))
+
+    def _check_map(self, granularity_map: torch.Tensor, batch: int, layout: StaticLayout) -> torch.Tensor:
+        hr, wr = layout.regions_hw
+        if tuple(granularity_map.shape) != (batch, hr, wr):
+            raise ValueError(
+                f"granularity_map must have shape [B, Hr, Wr] = {[batch, hr, wr]}; "
+                f"got {list(granularity_map.shape)}"
+            )
+        gmap = granularity_map.to(device=self._phi.device, dtype=torch.long)
+        if not torch.isin(gmap, self._phi).all():
+            bad = sorted(set(gmap.unique().tolist()) - set(self.granularities))
+            raise ValueError(f"granularity_map values must be in {self.granularities}; got {bad}")
+        return gmap
+
+    def _route(self, spatial: torch.Tensor, pooled: dict, layout: StaticLayout):
+        """-> (index [B, Hr, Wr], probs [B, Hr, Wr, K] or None)."""
+        b, _, c = spatial.shape
+        hr, wr = layout.regions_hw
+        if self.routing == "layer":
+            region_means = spatial.mean(dim=1)
+        else:
+            region_means = pooled[self.region_size]
+        logits = self.router(region_means.reshape(b, hr, wr, c))  # Eq. 1
+        return GrainedRouter.select(logits, stochastic=self.training, tau=self.gumbel_tau)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, x: torch.Tensor, hw: Tuple[int, int], granularity_map: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: [B, E + H*W, C] -> [B, E + H*W, C]; ``granularity_map`` [B, Hr, Wr] (values in Φ)
+        bypasses the router."""
+        b, n, c = x.shape
+        h, w = hw
+        e = self.num_extra_tokens
+        if n != e + h * w:
+            raise ValueError(f"expected E + H*W = {e} + {h}*{w} = {e + h * w} tokens; got {n}")
+        layout = self.layout(hw, x.device)
+        spatial = x[:, e:]
+        sizes = [g for g in self.granularities if g > 0]
+        use_router = granularity_map is None and self.router is not None
+        if use_router and self.routing == "region":
+            sizes.append(self.region_size)
+        pooled = pooled_means(spatial, layout, sizes)
+
+        probs = None
+        if granularity_map is not None:
+            gmap = self._check_map(granularity_map, b, layout)
+        elif self.router is None:
+            gmap = self._phi.new_full((b,) + layout.regions_hw, self.granularities[0])
+        else:
+            index, probs = self._route(spatial, pooled, layout)
+            gmap = self._phi[index]
+        region_g = gmap.view(b, -1)
+        # Straight-through factor per region (Eq. 6): 1 forward, gradient p_i backward.
+        chosen_p = None if probs is None else probs.gather(-1, index[..., None]).view(b, -1)
+
+        if self.training and self.dense_train and probs is not None:
+            out, num_queries = self._forward_dense(x, spatial, pooled, layout, index, probs, hw)
+        else:
+            out, num_queries = self._forward_sparse(x, spatial, pooled, layout, region_g, chosen_p, hw)
+
+        # ψ of Eq. 7: valid patches of the chosen granularity per region.
+        per_region = torch.zeros_like(region_g, dtype=x.dtype)
+        for g in self.granularities:
+            if g > 0:
+                per_region = torch.where(region_g == g, layout.grids[g].region_num_patches.to(x.dtype), per_region)
+        query_count = num_queries.to(x.dtype)
+        if chosen_p is not None:
+            soft = (chosen_p * per_region).sum(dim=1)
+            query_count = query_count + soft - soft.detach()  # Eq. 7, straight-through
+        self.last_routing = RoutingInfo(
+            granularity_map=gmap,
+            num_queries=num_queries,
+            query_count=query_count,
+            hw=(h, w),
+            num_extra=e,
+            router_flops=self.router.flops(layout.num_regions) if use_router else 0.0,
+            block_cost=self.block.complexity(hw, e),
+        )
+        return out
+
+    def _run_block(self, x, queries, centers, hw, e):
+        """Block on [extra tokens, queries] against the dense x; returns (extra_out, query_out)."""
+        if e:
+            queries = torch.cat([x[:, :e], queries], dim=1)
+            centers = torch.cat([centers.new_zeros(x.shape[0], e, 2), centers], dim=1)
+        y = self.block(queries, x, hw, centers)
+        return y[:, :e], y[:, e:]
+
+    def _forward_sparse(self, x, spatial, pooled, layout, region_g, chosen_p, hw):
+        b = x.shape[0]
+        e = self.num_extra_tokens
+        g_min, g_max = torch.aminmax(region_g)
+        uniform = int(g_min) if int(g_min) == int(g_max) else None
+        if uniform == 1 and chosen_p is None:
+            # Every patch is one token: exactly the vanilla block (no gather, no scatter).
+            centers = layout.token_centers.to(x.dtype).expand(b, -1, -1)
+            if e:
+                centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
+            num_queries = torch.full((b,), layout.hw[0] * layout.hw[1], device=x.device, dtype=torch.long)
+            return self.block(x, x, hw, centers), num_queries
+        packing = pack_queries(layout, region_g, self.granularities)
+        if packing.max_queries == 0 and e == 0:
+            return x, packing.num_queries
+        queries, centers = gather_queries(packing, pooled, layout)
+        extra_out, y = self._run_block(x, queries, centers, hw, e)
+        delta = y - queries
+        if chosen_p is not None:
+            st = (1.0 + chosen_p - chosen_p.detach()).reshape(-1)  # Eq. 6
+            delta = delta * st.index_select(0, packing.query_regions).view(b, -1, 1)
+        out = unpack_tokens(spatial, delta, packing)
+        return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
+
+    def _forward_dense(self, x, spatial, pooled, layout, index, probs, hw):
+        """All K granularities computed and mixed by the one-hot straight-through gate."""
+        b = x.shape[0]
+        e = self.num_extra_tokens
+        hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
+        gate = (hard - probs.detach() + probs).view(b, -1, len(self.granularities))
+        out = spatial
+        extra_out = None
+        for k, g in enumerate(self.granularities):
+            if g == 0:
+                continue
+            region_g = torch.full_like(index.view(b, -1), g)
+            packing = pack_queries(layout, region_g, self.granularities)
+            queries, centers = gather_queries(packing, pooled, layout)
+            extra, y = self._run_block(x, queries, centers, hw, e)
+            extra_out = extra if extra_out is None else extra_out
+            weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions).view(b, -1, 1)
+            out = unpack_tokens(out, (y - queries) * weight, packing)
+        gmap = self._phi[index].view(b, -1)
+        num_queries = pack_queries(layout, gmap, self.granularities).num_queries
+        return (torch.cat([extra_out, out], dim=1) if e else out), num_queries

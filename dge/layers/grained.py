@@ -1,0 +1,268 @@
+"""Grained pooling and un-pooling (Eq. 3): regions, patches, queries and their inverse.
+
+Terms (token units of the H×W feature map, padded bottom/right to Hp×Wp, footnote 3):
+
+* region: an Rh×Rw window (S×S for region-wise routing, the whole padded map for
+  layer-wise routing); each region gets one granularity φ from Φ;
+* patch: a φ×φ window inside a region; it becomes one query, the mean of its *valid*
+  (unpadded) tokens, centred at the mean of their centres. Patches entirely in padding
+  make no query, so an all-φ=1 layout has exactly the H·W queries of the vanilla block;
+* φ = 0: the region makes no query and its tokens pass through unchanged.
+
+``StaticLayout`` holds everything that depends only on (H, W, Φ, region size): built once
+per feature-map size and cached. ``pack_queries`` / ``unpack_tokens`` do the per-batch
+work with index arithmetic on whole tensors: no loop over images or regions.
+"""
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "StaticLayout",
+    "static_layout",
+    "token_centers",
+    "pooled_means",
+    "QueryPacking",
+    "pack_queries",
+    "gather_queries",
+    "unpack_tokens",
+]
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class PatchGrid:
+    """Patches of one granularity φ over the padded map; indices are row-major in the
+    (Hp/φ)×(Wp/φ) grid."""
+
+    granularity: int
+    grid_hw: Tuple[int, int]
+    valid: torch.Tensor  # [Gh*Gw] bool: patches with >= 1 valid token
+    counts: torch.Tensor  # [Gh*Gw, 1] float: valid tokens per patch (>= 1 to divide safely)
+    centers: torch.Tensor  # [Gh*Gw, 2] float: (y, x) mean of valid token centres
+    patch_region: torch.Tensor  # [Gh*Gw] long: region of each patch
+    token_patch: torch.Tensor  # [H*W] long: patch of each token
+    region_num_patches: torch.Tensor  # [R] float: valid patches per region
+
+
+@dataclass
+class StaticLayout:
+    hw: Tuple[int, int]
+    padded_hw: Tuple[int, int]
+    region_hw: Tuple[int, int]  # (Rh, Rw) tokens per region
+    regions_hw: Tuple[int, int]  # (Hr, Wr) regions
+    token_region: torch.Tensor  # [H*W] long
+    token_centers: torch.Tensor  # [H*W, 2] float (y, x), see token_centers()
+    region_counts: torch.Tensor  # [Hr*Wr, 1] float: valid tokens per region
+    grids: Dict[int, PatchGrid]  # nonzero φ -> its patches
+
+    @property
+    def num_regions(self) -> int:
+        return self.regions_hw[0] * self.regions_hw[1]
+
+
+def token_centers(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[h*w, 2] (y, x) centres of the tokens of an h×w map: token (i, j) covers
+    [i, i+1)×[j, j+1) and is centred at (i + 0.5, j + 0.5)."""
+    ys = torch.arange(h, device=device, dtype=dtype) + 0.5
+    xs = torch.arange(w, device=device, dtype=dtype) + 0.5
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)
+
+
+@functools.lru_cache(maxsize=128)
+def static_layout(
+    h: int, w: int, granularities: Tuple[int, ...], region_size: Optional[int], device: torch.device
+) -> StaticLayout:
+    """The layout of an h×w map for the nonzero ``granularities``; ``region_size`` None means
+    one region covering the whole map (layer-wise routing), padded to max(Φ)."""
+    nonzero = [g for g in granularities if g > 0]
+    if region_size is None:
+        unit = max(nonzero) if nonzero else 1
+        hp, wp = _ceil_to(h, unit), _ceil_to(w, unit)
+        rh, rw = hp, wp
+    else:
+        hp, wp = _ceil_to(h, region_size), _ceil_to(w, region_size)
+        rh = rw = region_size
+    hr, wr = hp // rh, wp // rw
+    ii = torch.arange(h, device=device)
+    jj = torch.arange(w, device=device)
+    token_region = ((ii[:, None] // rh) * wr + (jj[None, :] // rw)).reshape(-1)
+    region_counts = torch.bincount(token_region, minlength=hr * wr).to(torch.float32)[:, None]
+
+    grids = {}
+    for g in nonzero:
+        gh, gw = hp // g, wp // g
+        # Valid tokens per patch along each axis, then their centre (mean of i + 0.5).
+        py = torch.arange(gh, device=device)
+        px = torch.arange(gw, device=device)
+        ny = (torch.clamp(h - py * g, min=0, max=g)).to(torch.float32)
+        nx = (torch.clamp(w - px * g, min=0, max=g)).to(torch.float32)
+        cy = py * g + ny / 2.0
+        cx = px * g + nx / 2.0
+        counts = (ny[:, None] * nx[None, :]).reshape(-1, 1)
+        centers = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).reshape(-1, 2)
+        patch_region = ((py[:, None] * g // rh) * wr + (px[None, :] * g // rw)).reshape(-1)
+        valid = counts[:, 0] > 0
+        token_patch = ((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1)
+        region_num_patches = torch.bincount(patch_region[valid], minlength=hr * wr).to(torch.float32)
+        grids[g] = PatchGrid(
+            granularity=g,
+            grid_hw=(gh, gw),
+            valid=valid,
+            counts=counts.clamp(min=1.0),
+            centers=centers,
+            patch_region=patch_region,
+            token_patch=token_patch,
+            region_num_patches=region_num_patches,
+        )
+    return StaticLayout(
+        hw=(h, w),
+        padded_hw=(hp, wp),
+        region_hw=(rh, rw),
+        regions_hw=(hr, wr),
+        token_region=token_region,
+        token_centers=token_centers(h, w, device),
+        region_counts=region_counts,
+        grids=grids,
+    )
+
+
+def pooled_means(x: torch.Tensor, layout: StaticLayout, sizes: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """Patch means over valid tokens for every patch size in ``sizes``.
+
+    Args:
+        x: [B, H*W, C] spatial tokens.
+        sizes: patch sides (each must divide the padded map); 1 returns ``x`` (zero-padded
+            to Hp×Wp when needed).
+    Returns:
+        {size: [B, Gh*Gw, C]} means; sums are pooled hierarchically (each level from the
+        finest level it is a multiple of), so every level costs one pass over a smaller map.
+    """
+    b, n, c = x.shape
+    h, w = layout.hw
+    hp, wp = layout.padded_hw
+    out: Dict[int, torch.Tensor] = {}
+    sums: Dict[int, torch.Tensor] = {}
+    base = x.view(b, h, w, c)
+    if (hp, wp) != (h, w):
+        base = x.new_zeros(b, hp, wp, c)
+        base[:, :h, :w] = x.view(b, h, w, c)
+    sums[1] = base
+    for s in sorted(set(sizes)):
+        if s == 1:  # patches of one token, on the padded grid like every other size
+            out[1] = base.reshape(b, hp * wp, c)
+            continue
+        src = max(k for k in sums if s % k == 0)
+        f = s // src
+        prev = sums[src]
+        gh, gw = prev.shape[1] // f, prev.shape[2] // f
+        sums[s] = prev.view(b, gh, f, gw, f, c).sum(dim=(2, 4))
+        counts = _counts_for(layout, s, x.device)
+        out[s] = (sums[s].view(b, gh * gw, c) / counts).to(x.dtype)
+    return out
+
+
+def _counts_for(layout: StaticLayout, size: int, device) -> torch.Tensor:
+    """[Gh*Gw, 1] valid tokens per size×size patch (regions of layer routing included)."""
+    if size in layout.grids:
+        return layout.grids[size].counts
+    if (size, size) == layout.region_hw:
+        return layout.region_counts.clamp(min=1.0)
+    h, w = layout.hw
+    hp, wp = layout.padded_hw
+    ny = torch.clamp(h - torch.arange(hp // size, device=device) * size, 0, size)
+    nx = torch.clamp(w - torch.arange(wp // size, device=device) * size, 0, size)
+    return (ny[:, None] * nx[None, :]).reshape(-1, 1).to(torch.float32).clamp(min=1.0)
+
+
+@dataclass
+class QueryPacking:
+    """Where each image's queries sit in the padded query batch, and each token's query."""
+
+    num_queries: torch.Tensor  # [B] long, spatial queries per image
+    max_queries: int  # M: queries per image after padding
+    sources: List[Tuple[int, torch.Tensor, torch.Tensor]]  # (φ, flat source rows, flat dest rows)
+    token_rows: torch.Tensor  # [B*H*W] long rows of the flat [B*M (+1), C] query tensor
+    query_regions: torch.Tensor  # [B*M] long: b*R + region of each query row (0 for padding)
+    has_skipped: bool  # some tokens have φ = 0 (their row is the extra zero row B*M)
+
+
+def pack_queries(
+    layout: StaticLayout, region_granularity: torch.Tensor, granularities: Sequence[int]
+) -> QueryPacking:
+    """Index plan for a batch.
+
+    Args:
+        region_granularity: [B, R] long, φ chosen for each region.
+        granularities: Φ.
+    """
+    b = region_granularity.shape[0]
+    n = layout.token_region.numel()
+    token_granularity = region_granularity[:, layout.token_region]  # [B, H*W]
+    order = [g for g in granularities if g > 0]
+    # A patch becomes a query when its region chose its granularity and it has a valid token.
+    selected = [
+        (region_granularity[:, layout.grids[g].patch_region] == g) & layout.grids[g].valid
+        for g in order
+    ]
+    sel_all = torch.cat(selected, dim=1)  # [B, T]
+    num_queries = sel_all.sum(dim=1)
+    max_queries = int(num_queries.max())
+    pos = torch.cumsum(sel_all, dim=1) - 1  # position of each selected patch in its image
+    row_base = torch.arange(b, device=pos.device)[:, None] * max_queries
+
+    sources = []
+    offset = 0
+    token_rows = torch.full((b, n), b * max_queries, dtype=torch.long, device=pos.device)
+    query_regions = torch.zeros(b * max_queries, dtype=torch.long, device=pos.device)
+    for g, sel in zip(order, selected):
+        grid = layout.grids[g]
+        t = sel.shape[1]
+        bi, pi = sel.nonzero(as_tuple=True)
+        dest = bi * max_queries + pos[bi, offset + pi]
+        sources.append((g, bi * t + pi, dest))
+        query_regions.index_copy_(0, dest, bi * layout.num_regions + grid.patch_region[pi])
+        rows = (pos[:, offset:offset + t] + row_base).gather(1, grid.token_patch[None].expand(b, n))
+        token_rows = torch.where(token_granularity == g, rows, token_rows)
+        offset += t
+    has_skipped = 0 in granularities and bool((token_granularity == 0).any())
+    return QueryPacking(num_queries, max_queries, sources, token_rows.view(-1), query_regions, has_skipped)
+
+
+def gather_queries(
+    packing: QueryPacking, pooled: Dict[int, torch.Tensor], layout: StaticLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Queries [B, M, C] (padding rows zero) and their centres [B, M, 2].
+
+    Args:
+        pooled: {φ: [B, Gh*Gw, C]} patch means (``pooled_means``).
+    """
+    any_pool = next(iter(pooled.values()))
+    b, _, c = any_pool.shape
+    m = packing.max_queries
+    queries = any_pool.new_zeros(b * m, c)
+    q_centers = any_pool.new_zeros(b * m, 2)
+    for g, src, dest in packing.sources:
+        queries.index_copy_(0, dest, pooled[g].reshape(-1, c).index_select(0, src))
+        grid_centers = layout.grids[g].centers.to(any_pool.dtype)
+        q_centers.index_copy_(0, dest, grid_centers.index_select(0, src % grid_centers.shape[0]))
+    return queries.view(b, m, c), q_centers.view(b, m, 2)
+
+
+def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -> torch.Tensor:
+    """Un-pooling with the residual: ``x + delta[query of each token]``.
+
+    Args:
+        x: [B, H*W, C] input tokens.
+        delta: [B, M, C] per-query update (block output minus query).
+    """
+    b, n, c = x.shape
+    flat = delta.reshape(-1, c)
+    if packing.has_skipped:  # φ = 0 tokens read a zero row
+        flat = torch.cat([flat, flat.new_zeros(1, c)], dim=0)
+    return x + flat.index_select(0, packing.token_rows).view(b, n, c)

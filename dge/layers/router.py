@@ -1,0 +1,67 @@
+"""The dynamic grained router (Sec. 3.2.2): one granularity per region."""
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["GrainedRouter"]
+
+
+class GrainedRouter(nn.Module):
+    """Gating network of Eq. 1 and the selection of Eq. 2 (inference) / Eq. 4-5 (training).
+
+    Args:
+        dim: channels C of the region features.
+        num_choices: K, the number of candidate granularities.
+        fine_index: index of the finest granularity among the K choices; its initial
+            probability is ``init_fine_prob`` so that a fresh DGE model starts close to the
+            vanilla one (vtpack: 0.95).
+    """
+
+    def __init__(self, dim: int, num_choices: int, fine_index: int = 0, init_fine_prob: float = 0.95):
+        super().__init__()
+        if not 0.0 < init_fine_prob < 1.0:
+            raise ValueError(f"init_fine_prob must be in (0, 1); got {init_fine_prob}")
+        self.num_choices = num_choices
+        self.gate = nn.Linear(dim, num_choices)
+        nn.init.trunc_normal_(self.gate.weight, std=0.01)
+        bias = torch.zeros(num_choices)
+        if num_choices > 1:
+            # softmax gives the fine choice p = init_fine_prob when it has +b, all others -b.
+            b = 0.5 * math.log(init_fine_prob * (num_choices - 1) / (1.0 - init_fine_prob))
+            bias.fill_(-b)
+            bias[fine_index] = b
+        with torch.no_grad():
+            self.gate.bias.copy_(bias)
+
+    def forward(self, region_features: torch.Tensor) -> torch.Tensor:
+        """region_features: [B, Hr, Wr, C] region averages -> gating logits [B, Hr, Wr, K]."""
+        return self.gate(region_features)  # Eq. 1
+
+    @staticmethod
+    def select(
+        logits: torch.Tensor, stochastic: bool, tau: float = 1.0
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Pick one choice per region.
+
+        Args:
+            logits: [B, Hr, Wr, K].
+            stochastic: Gumbel sampling (training) instead of argmax (inference).
+            tau: temperature of the soft score.
+        Returns:
+            index: [B, Hr, Wr] long, the chosen choice per region.
+            probs: [B, Hr, Wr, K] soft scores (Gumbel-softmax) when ``stochastic``, else None.
+        """
+        if not stochastic:
+            return logits.argmax(dim=-1), None  # Eq. 2
+        u = torch.rand_like(logits).clamp_(min=1e-10, max=1.0 - 1e-7)
+        noisy = logits - torch.log(-torch.log(u))  # h + g, g ~ Gumbel(0, 1)
+        index = noisy.argmax(dim=-1)  # Eq. 4
+        probs = F.softmax(noisy / tau, dim=-1)  # Eq. 5 (p_i is probs at index)
+        return index, probs
+
+    def flops(self, num_regions: int) -> float:
+        """Multiply-adds of the gate for ``num_regions`` regions (the pooling is not counted)."""
+        return float(num_regions * self.gate.in_features * self.gate.out_features)

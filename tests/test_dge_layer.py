@@ -1,0 +1,302 @@
+"""The Dynamic Grained Encoder layer against slow, obviously-correct references."""
+import math
+
+import pytest
+import torch
+
+from dge.layers import (
+    DeformableAttention,
+    DynamicGrainedEncoder,
+    EncoderBlock,
+    GrainedRouter,
+    SpatialReductionAttention,
+    budget_loss,
+    complexity_report,
+    token_centers,
+)
+
+C = 16
+
+
+def make_block(kind: str, seed: int = 0) -> EncoderBlock:
+    torch.manual_seed(seed)
+    if kind == "pvt":
+        attn = SpatialReductionAttention(C, num_heads=2, qkv_bias=True, sr_ratio=2)
+    elif kind == "global":
+        attn = SpatialReductionAttention(C, num_heads=2, qkv_bias=True, sr_ratio=1)
+    elif kind == "deformable":
+        attn = DeformableAttention(C, num_heads=2, num_points=3, qkv_bias=True)
+        torch.nn.init.normal_(attn.offsets.weight, std=0.3)  # let offsets depend on the query
+    else:
+        raise ValueError(kind)
+    return EncoderBlock(C, attn, mlp_ratio=2.0).eval()
+
+
+def reference_dge(block, x, hw, gmap, region, num_extra=0):
+    """Loop over images, regions and patches: the definition of the DGE output."""
+    h, w = hw
+    out = x.clone()
+    for b in range(x.shape[0]):
+        spatial = x[b, num_extra:].view(h, w, -1)
+        queries, centers, members = [], [], []
+        for ri in range(gmap.shape[1]):
+            for rj in range(gmap.shape[2]):
+                g = int(gmap[b, ri, rj])
+                if g == 0:
+                    continue
+                for py in range(ri * region, (ri + 1) * region, g):
+                    for px in range(rj * region, (rj + 1) * region, g):
+                        ys = range(py, min(py + g, h))
+                        xs = range(px, min(px + g, w))
+                        if len(ys) == 0 or len(xs) == 0:
+                            continue
+                        queries.append(torch.stack([spatial[i, j] for i in ys for j in xs]).mean(0))
+                        centers.append([sum(i + 0.5 for i in ys) / len(ys), sum(j + 0.5 for j in xs) / len(xs)])
+                        members.append([(i, j) for i in ys for j in xs])
+        q = torch.stack([*x[b, :num_extra], *queries])[None]
+        cen = torch.tensor([[0.0, 0.0]] * num_extra + centers)[None]
+        y = block(q, x[b : b + 1], hw, cen)[0]
+        out[b, :num_extra] = y[:num_extra]
+        for k, toks in enumerate(members):
+            for i, j in toks:
+                out[b, num_extra + i * w + j] = x[b, num_extra + i * w + j] + y[num_extra + k] - q[0, num_extra + k]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])
+def test_all_fine_granularity_equals_vanilla_block(kind):
+    block = make_block(kind)
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    hw = (13, 18)
+    x = torch.randn(3, hw[0] * hw[1], C)
+    centers = token_centers(*hw).expand(3, -1, -1)
+    with torch.no_grad():
+        vanilla = block(x, x, hw, centers)
+        ones = torch.ones(3, 4, 5, dtype=torch.long)
+        assert (dge(x, hw, ones) - vanilla).abs().max() < 1e-5
+        # The general gather/scatter path: image 0 all-1 beside images with coarser maps.
+        mixed = ones.clone()
+        mixed[1] = 2
+        mixed[2, :, 2:] = 4
+        out = dge(x, hw, mixed)
+        assert (out[0] - vanilla[0]).abs().max() < 1e-5
+        assert dge.last_routing.num_queries.tolist()[0] == hw[0] * hw[1]
+
+
+@pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])
+def test_random_maps_match_the_region_loop_reference(kind):
+    block = make_block(kind, seed=1)
+    phi = (0, 1, 2, 4)
+    dge = DynamicGrainedEncoder(block, C, granularities=phi).eval()
+    hw = (11, 14)  # not multiples of S = 4: bottom/right padding
+    x = torch.randn(3, hw[0] * hw[1], C)
+    gen = torch.Generator().manual_seed(3)
+    gmap = torch.tensor(phi)[torch.randint(0, 4, (3, 3, 4), generator=gen)]
+    gmap[0] = 1  # three images with clearly different query counts
+    gmap[1, 0, 0] = 0
+    with torch.no_grad():
+        out = dge(x, hw, gmap)
+        ref = reference_dge(block, x, hw, gmap, region=4)
+    counts = dge.last_routing.num_queries.tolist()
+    assert len(set(counts)) == 3
+    assert (out - ref).abs().max() < 1e-5
+    # Skipped regions pass through unchanged.
+    i, j = 0, 0
+    assert torch.equal(out[1].view(*hw, C)[i * 4 : i * 4 + 4, j * 4 : j * 4 + 4], x[1].view(*hw, C)[:4, :4])
+
+
+def test_extra_tokens_are_always_queries_and_match_reference():
+    block = make_block("global", seed=2)
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2), num_extra_tokens=1).eval()
+    hw = (5, 6)
+    x = torch.randn(2, 1 + 30, C)
+    gmap = torch.tensor([[[2, 1, 2], [2, 2, 1], [1, 2, 2]], [[2, 2, 2], [2, 2, 2], [2, 2, 2]]])
+    with torch.no_grad():
+        out = dge(x, hw, gmap)
+        ref = reference_dge(block, x, hw, gmap, region=2, num_extra=1)
+    assert (out - ref).abs().max() < 1e-5
+    # image 0: φ=1 regions hold 4 + 4 + 2 (bottom row cut) tokens, six φ=2 regions 1 each.
+    assert dge.last_routing.num_queries.tolist() == [16, 9]
+
+
+def test_layer_routing_uses_one_region_for_the_whole_map():
+    block = make_block("pvt", seed=4)
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4), routing="layer").eval()
+    hw = (10, 9)
+    x = torch.randn(2, 90, C)
+    with torch.no_grad():
+        dge(x, hw)
+        assert dge.last_routing.granularity_map.shape == (2, 1, 1)
+        gmap = torch.tensor([4, 2]).view(2, 1, 1)
+        out = dge(x, hw, gmap)
+        ref = reference_dge(block, x, hw, gmap, region=12)  # one 12×12 region covers the map
+    assert dge.last_routing.num_queries.tolist() == [3 * 3, 5 * 5]
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
+    block = make_block("pvt", seed=5)
+    sparse = DynamicGrainedEncoder(block, C).train()
+    dense = DynamicGrainedEncoder(block, C, dense_train=True).train()
+    dense.router.load_state_dict(sparse.router.state_dict())
+    hw = (12, 8)
+    x = torch.randn(2, 96, C)
+    torch.manual_seed(7)
+    a = sparse(x, hw)
+    torch.manual_seed(7)
+    b = dense(x, hw)
+    assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
+    assert (a - b).abs().max() < 1e-5
+    calls = []
+    handle = block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    sparse(x, hw)
+    dense(x, hw)
+    handle.remove()
+    assert len(calls) == 1 + 3  # sparse: one block call; dense: one per granularity
+
+
+def test_router_initially_prefers_the_finest_granularity():
+    for phi, fine in [((1, 2, 4), 0), ((0, 1), 1), ((1, 2, 4, 8), 0)]:
+        router = GrainedRouter(C, len(phi), fine_index=fine)
+        p = torch.softmax(router(torch.zeros(1, 1, 1, C)), dim=-1)[0, 0, 0]
+        assert abs(p[fine].item() - 0.95) < 1e-4
+    # vtpack's value for K = 3: ±log√38.
+    assert abs(GrainedRouter(C, 3).gate.bias[0].item() - math.log(math.sqrt(38))) < 1e-5
+
+
+def test_straight_through_gradient_of_the_router_is_analytic():
+    """Eq. 5-6: forward ŷ, backward p·ŷ, so dL/dh_k = Σ_i <ŷ_i, dL/dy_i> · dp_i/dh_k."""
+    block = make_block("pvt", seed=8)
+    dge = DynamicGrainedEncoder(block, C, gumbel_tau=0.7).train()
+    hw = (8, 12)
+    x = torch.randn(2, 96, C)
+    weights = torch.randn(2, 96, C)
+    recorded = {}
+    original = GrainedRouter.select
+
+    def recording_select(logits, stochastic, tau=1.0):
+        index, probs = original(logits, stochastic, tau)
+        recorded.update(index=index, probs=probs.detach())
+        return index, probs
+
+    GrainedRouter.select = staticmethod(recording_select)
+    try:
+        out = dge(x, hw)
+    finally:
+        GrainedRouter.select = staticmethod(original)
+    (out * weights).sum().backward()
+
+    index, probs = recorded["index"], recorded["probs"]
+    gmap = torch.tensor(dge.granularities)[index]
+    with torch.no_grad():
+        delta = dge.eval()(x, hw, gmap) - x  # ŷ unpooled, same value as in training
+    region = (torch.arange(8)[:, None] // 4 * 3 + torch.arange(12)[None, :] // 4).reshape(-1)
+    dl_dp = torch.zeros(2, 6).index_add_(1, region, (delta * weights).sum(-1))  # [B, R]
+    p = probs.view(2, 6, 3)
+    chosen = index.view(2, 6)
+    p_theta = p.gather(-1, chosen[..., None])[..., 0]
+    one_hot = torch.nn.functional.one_hot(chosen, 3).float()
+    dp_dh = p_theta[..., None] * (one_hot - p) / 0.7  # softmax Jacobian row of the chosen k
+    expected = (dl_dp[..., None] * dp_dh).sum(dim=(0, 1))
+    assert torch.allclose(dge.router.gate.bias.grad, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_budget_loss_gradient_reaches_the_router_and_lowers_fine_scores():
+    block = make_block("pvt", seed=9)
+    dge = DynamicGrainedEncoder(block, C).train()
+    hw = (8, 8)
+    x = torch.randn(4, 64, C)
+    dge(x, hw)
+    report = complexity_report(dge)
+    loss = budget_loss(report.beta, budget=0.25, weight=1.0)
+    loss.backward()
+    grad = dge.router.gate.bias.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # Descending the loss raises the coarse logits relative to the finest one.
+    assert grad[0] > 0 and grad[2] < grad[0]
+
+
+def _hand_block_cost(n, nk, hidden, sr):
+    """Hand count for make_block('pvt'): C = 16, SR ratio 2, MLP hidden 32."""
+    fixed = n * C * C  # sr conv: (n / sr²) outputs × C × C × sr²
+    fixed += 5 * nk * C + 2 * nk * C * C + 5 * n * C  # sr norm, kv, norm1 of the context
+    per_query = C * C + 2 * nk * C + C * C + 10 * C + 2 * C * hidden
+    return fixed, per_query
+
+
+def test_beta_equals_the_hand_count_for_a_known_map():
+    block = make_block("pvt", seed=10)
+    dge = DynamicGrainedEncoder(block, C, granularities=(0, 1, 2, 4)).eval()
+    hw = (8, 8)
+    x = torch.randn(1, 64, C)
+    gmap = torch.tensor([[[1, 2], [4, 0]]])
+    with torch.no_grad():
+        dge(x, hw, gmap)
+    fixed, per_query = _hand_block_cost(64, 16, 32, 2)
+    queries = 16 + 4 + 1 + 0
+    expected = (fixed + per_query * queries) / (fixed + per_query * 64)
+    assert dge.last_routing.num_queries.tolist() == [queries]
+    assert abs(complexity_report(dge).beta.item() - expected) < 1e-6
+    with torch.no_grad():
+        dge(x, hw, torch.ones(1, 2, 2, dtype=torch.long))
+    assert complexity_report(dge).beta.item() == 1.0
+
+
+def test_beta_sums_over_layers_and_counts_the_router():
+    model = torch.nn.ModuleList(
+        [DynamicGrainedEncoder(make_block("pvt", seed=s), C) for s in (11, 12)]
+    ).eval()
+    x = torch.randn(1, 64, C)
+    maps = [torch.tensor([[[2, 2], [2, 2]]]), torch.tensor([[[4, 4], [1, 1]]])]
+    with torch.no_grad():
+        for m, g in zip(model, maps):
+            m(x, (8, 8), g)
+    fixed, per_query = _hand_block_cost(64, 16, 32, 2)
+    dyn = [fixed + per_query * 16, fixed + per_query * (1 + 1 + 32)]
+    static = 2 * (fixed + per_query * 64)
+    report = complexity_report(model)
+    assert abs(report.beta.item() - sum(dyn) / static) < 1e-6
+    assert report.layer_beta.shape == (2, 1)
+    with torch.no_grad():  # routed by the router: its C·K per region counts as dynamic
+        model[0](x, (8, 8))
+    r = model[0].last_routing
+    assert r.router_flops == 4 * C * 3
+    assert r.dynamic_flops().item() == pytest.approx(fixed + 4 * C * 3 + per_query * r.num_queries.item())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(granularities=(1, 3, 4)), "granularities must divide the region size 4; got 3"),
+        (dict(granularities=()), "non-empty"),
+        (dict(granularities=(-1, 1)), "non-negative"),
+        (dict(granularities=(0,)), "positive granularity"),
+        (dict(routing="pixel"), "routing must be one of"),
+    ],
+)
+def test_bad_configuration_is_rejected_with_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DynamicGrainedEncoder(make_block("pvt"), C, **kwargs)
+
+
+def test_bad_input_is_rejected_with_a_clear_error():
+    dge = DynamicGrainedEncoder(make_block("pvt"), C).eval()
+    x = torch.randn(1, 64, C)
+    with pytest.raises(ValueError, match=r"expected E \+ H\*W = 0 \+ 8\*9 = 72 tokens; got 64"):
+        dge(x, (8, 9))
+    with pytest.raises(ValueError, match=r"shape \[B, Hr, Wr\] = \[1, 2, 2\]"):
+        dge(x, (8, 8), torch.ones(1, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"values must be in \(1, 2, 4\); got \[3\]"):
+        dge(x, (8, 8), torch.full((1, 2, 2), 3))
+    for budget in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="budget must be in \\[0, 1\\]"):
+            budget_loss(torch.ones(2), budget)
+
+
+def test_vanilla_block_weights_load_into_the_dge_wrapper():
+    block = make_block("pvt", seed=13)
+    dge = DynamicGrainedEncoder(make_block("pvt", seed=14), C)
+    result = dge.load_state_dict(block.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["router.gate.bias", "router.gate.weight"]
+    assert not result.unexpected_keys
+    assert torch.equal(dge.block.attn.q.weight, block.attn.q.weight)
