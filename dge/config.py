@@ -3,8 +3,42 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dge_config(cfg: CN) -> CN:
-    """Add the MODEL.DGE keys to ``cfg`` (in place) and return it."""
+    """Add the MODEL.PVT, MODEL.DEIT and MODEL.DGE keys to ``cfg`` (in place) and return it."""
+    # ---------------------------------------------------------------- backbones
+    cfg.MODEL.PVT = CN()
+    # Model size: "tiny", "small", "medium" or "large" (PVT v1 hyper-parameters).
+    cfg.MODEL.PVT.SIZE = "small"
+    # Vanilla attention: "sr" (PVT, spatial-reduction) or "deformable" (DPVT).
+    cfg.MODEL.PVT.ATTENTION = "sr"
+    # Sampling points per head of deformable attention (DPVT).
+    cfg.MODEL.PVT.NUM_POINTS = 4
+    # Stages returned by the backbone, among res2 (stride 4) ... res5 (stride 32).
+    cfg.MODEL.PVT.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Stochastic depth rate, linearly increasing over blocks.
+    cfg.MODEL.PVT.DROP_PATH_RATE = 0.1
+    # Freeze the patch embedding (1) and the first stages (2..4 = up to res2..res4); 0 trains all.
+    cfg.MODEL.PVT.FREEZE_AT = 0
+    # Input size whose position-embedding grid the weights carry (224 official PVT, 256 vtpack).
+    cfg.MODEL.PVT.PRETRAIN_IMG_SIZE = 224
+
+    # ---------------------------------------------------------------- DGE
     cfg.MODEL.DGE = CN()
     # Wrap every encoder block of the backbone in a Dynamic Grained Encoder.
     cfg.MODEL.DGE.ENABLED = False
+    # Φ, candidate granularities (patch sides in tokens); 0 means "skip the region".
+    cfg.MODEL.DGE.GRANULARITIES = [1, 2, 4]
+    # S, region side in tokens; 0 uses max(Φ).
+    cfg.MODEL.DGE.REGION_SIZE = 0
+    # "region" (per S×S region) or "layer" (one granularity per feature map, Table 1).
+    cfg.MODEL.DGE.ROUTING = "region"
+    # τ, temperature of the Gumbel-softmax score (Eq. 5).
+    cfg.MODEL.DGE.GUMBEL_TAU = 1.0
+    # Compute all granularities in training and mix them (vtpack) instead of only the chosen one.
+    cfg.MODEL.DGE.DENSE_TRAIN = False
+    # Initial router probability of the finest granularity.
+    cfg.MODEL.DGE.INIT_FINE_PROB = 0.95
+    # γ, target complexity ratio of the budget loss (Eq. 8).
+    cfg.MODEL.DGE.BUDGET = 0.5
+    # λ, weight of the budget loss (Eq. 8).
+    cfg.MODEL.DGE.BUDGET_WEIGHT = 1.0
     return cfg
