@@ -1,0 +1,9 @@
+# Importing this package registers the synthetic datasets (dge_synthetic_*) with detectron2.
+from .synthetic import (
+    SYNTHETIC_CLASSES,
+    ensure_synthetic_dataset,
+    generate_synthetic_coco,
+    register_synthetic_datasets,
+)
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]
