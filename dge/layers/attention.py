@@ -75,7 +75,8 @@ class SpatialReductionAttention(nn.Module):
         if self.sr_ratio > 1:
             h, w = hw
             extra, spatial = context[:, : n - h * w], context[:, n - h * w:]
-            spatial = spatial.transpose(1, 2).reshape(b, c, h, w)
+            # A channels-last view: the conv reads the tokens in place (no transpose copy).
+            spatial = spatial.reshape(b, h, w, c).permute(0, 3, 1, 2)
             spatial = self.sr(spatial).flatten(2).transpose(1, 2)
             context = self.norm(torch.cat([extra, spatial], dim=1) if extra.shape[1] else spatial)
         kv = self.kv(context).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .grained import StaticLayout, gather_queries, pack_queries, pooled_means, static_layout, unpack_tokens
+from .grained import PatchPooler, StaticLayout, gather_queries, pack_queries, static_layout, unpack_tokens
 from .router import GrainedRouter
 
 __all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS"]
@@ -151,7 +151,7 @@ class DynamicGrainedEncoder(nn.Module):
             raise ValueError(f"granularity_map values must be in {self.granularities}; got {bad}")
         return gmap
 
-    def _route(self, spatial: torch.Tensor, pooled: dict, layout: StaticLayout):
+    def _route(self, spatial: torch.Tensor, pooled: PatchPooler, layout: StaticLayout):
         """-> (index [B, Hr, Wr], probs [B, Hr, Wr, K] or None)."""
         b, _, c = spatial.shape
         hr, wr = layout.regions_hw
@@ -175,11 +175,8 @@ class DynamicGrainedEncoder(nn.Module):
             raise ValueError(f"expected E + H*W = {e} + {h}*{w} = {e + h * w} tokens; got {n}")
         layout = self.layout(hw, x.device)
         spatial = x[:, e:]
-        sizes = [g for g in self.granularities if g > 0]
         use_router = granularity_map is None and self.router is not None
-        if use_router and self.routing == "region":
-            sizes.append(self.region_size)
-        pooled = pooled_means(spatial, layout, sizes)
+        pooled = PatchPooler(spatial, layout)
 
         probs = None
         if granularity_map is not None:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn import functional as F
 
 __all__ = [
     "StaticLayout",
     "static_layout",
     "token_centers",
-    "pooled_means",
+    "PatchPooler",
     "QueryPacking",
     "pack_queries",
     "gather_queries",
@@ -132,52 +133,47 @@ def static_layout(
     )
 
 
-def pooled_means(x: torch.Tensor, layout: StaticLayout, sizes: Sequence[int]) -> Dict[int, torch.Tensor]:
-    """Patch means over valid tokens for every patch size in ``sizes``.
-
-    Args:
-        x: [B, H*W, C] spatial tokens.
-        sizes: patch sides (each must divide the padded map); 1 returns ``x`` (zero-padded
-            to Hp×Wp when needed).
-    Returns:
-        {size: [B, Gh*Gw, C]} means; sums are pooled hierarchically (each level from the
-        finest level it is a multiple of), so every level costs one pass over a smaller map.
-    """
-    b, n, c = x.shape
-    h, w = layout.hw
-    hp, wp = layout.padded_hw
-    out: Dict[int, torch.Tensor] = {}
-    sums: Dict[int, torch.Tensor] = {}
-    base = x.view(b, h, w, c)
-    if (hp, wp) != (h, w):
-        base = x.new_zeros(b, hp, wp, c)
-        base[:, :h, :w] = x.view(b, h, w, c)
-    sums[1] = base
-    for s in sorted(set(sizes)):
-        if s == 1:  # patches of one token, on the padded grid like every other size
-            out[1] = base.reshape(b, hp * wp, c)
-            continue
-        src = max(k for k in sums if s % k == 0)
-        f = s // src
-        prev = sums[src]
-        gh, gw = prev.shape[1] // f, prev.shape[2] // f
-        sums[s] = prev.view(b, gh, f, gw, f, c).sum(dim=(2, 4))
-        counts = _counts_for(layout, s, x.device)
-        out[s] = (sums[s].view(b, gh * gw, c) / counts).to(x.dtype)
-    return out
-
-
 def _counts_for(layout: StaticLayout, size: int, device) -> torch.Tensor:
-    """[Gh*Gw, 1] valid tokens per size×size patch (regions of layer routing included)."""
+    """[Gh*Gw, 1] valid tokens per size×size patch of the padded map."""
     if size in layout.grids:
         return layout.grids[size].counts
-    if (size, size) == layout.region_hw:
-        return layout.region_counts.clamp(min=1.0)
     h, w = layout.hw
     hp, wp = layout.padded_hw
     ny = torch.clamp(h - torch.arange(hp // size, device=device) * size, 0, size)
     nx = torch.clamp(w - torch.arange(wp // size, device=device) * size, 0, size)
     return (ny[:, None] * nx[None, :]).reshape(-1, 1).to(torch.float32).clamp(min=1.0)
+
+
+class PatchPooler:
+    """Patch means of ``x`` over valid tokens, computed on demand and cached per patch size.
+
+    ``pooler[s]`` is [B, Gh*Gw, C] for s×s patches of the padded map (s must divide it;
+    s = 1 is ``x`` itself, zero-padded to Hp×Wp when needed). Pooling runs as
+    ``avg_pool2d`` on a channels-last view of the tokens, one pass per size.
+    """
+
+    def __init__(self, x: torch.Tensor, layout: StaticLayout):
+        b, n, c = x.shape
+        h, w = layout.hw
+        hp, wp = layout.padded_hw
+        self.layout = layout
+        self.padded = (hp, wp) != (h, w)
+        if self.padded:
+            base = x.new_zeros(b, hp, wp, c)
+            base[:, :h, :w] = x.view(b, h, w, c)
+        else:
+            base = x.view(b, h, w, c)
+        self._base = base
+        self._means: Dict[int, torch.Tensor] = {1: base.reshape(b, hp * wp, c)}
+
+    def __getitem__(self, size: int) -> torch.Tensor:
+        if size not in self._means:
+            b, _, _, c = self._base.shape
+            mean = F.avg_pool2d(self._base.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).reshape(b, -1, c)
+            if self.padded:  # zeros were averaged in: rescale to the valid tokens
+                mean = mean * (size * size / _counts_for(self.layout, size, mean.device)).to(mean.dtype)
+            self._means[size] = mean
+        return self._means[size]
 
 
 @dataclass
@@ -235,20 +231,21 @@ def pack_queries(
 
 
 def gather_queries(
-    packing: QueryPacking, pooled: Dict[int, torch.Tensor], layout: StaticLayout
+    packing: QueryPacking, pooled: "PatchPooler", layout: StaticLayout
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries [B, M, C] (padding rows zero) and their centres [B, M, 2].
-
-    Args:
-        pooled: {φ: [B, Gh*Gw, C]} patch means (``pooled_means``).
-    """
-    any_pool = next(iter(pooled.values()))
+    """Queries [B, M, C] (padding rows zero) and their centres [B, M, 2]."""
+    any_pool = pooled[1]
     b, _, c = any_pool.shape
     m = packing.max_queries
     queries = any_pool.new_zeros(b * m, c)
     q_centers = any_pool.new_zeros(b * m, 2)
     for g, src, dest in packing.sources:
-        queries.index_copy_(0, dest, pooled[g].reshape(-1, c).index_select(0, src))
+        rows = pooled[g].reshape(-1, c)
+        lo, hi = (dest[0].item(), dest[-1].item()) if dest.numel() else (0, -1)
+        if hi - lo + 1 == dest.numel():  # one contiguous block (e.g. batch 1): no temporary
+            torch.index_select(rows, 0, src, out=queries[lo : hi + 1])
+        else:
+            queries.index_copy_(0, dest, rows.index_select(0, src))
         grid_centers = layout.grids[g].centers.to(any_pool.dtype)
         q_centers.index_copy_(0, dest, grid_centers.index_select(0, src % grid_centers.shape[0]))
     return queries.view(b, m, c), q_centers.view(b, m, 2)
@@ -265,4 +262,4 @@ def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -
     flat = delta.reshape(-1, c)
     if packing.has_skipped:  # φ = 0 tokens read a zero row
         flat = torch.cat([flat, flat.new_zeros(1, c)], dim=0)
-    return x + flat.index_select(0, packing.token_rows).view(b, n, c)
+    return flat.index_select(0, packing.token_rows).view(b, n, c).add_(x)
