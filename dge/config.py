@@ -3,7 +3,7 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dge_config(cfg: CN) -> CN:
-    """Add the MODEL.PVT, MODEL.DEIT and MODEL.DGE keys to ``cfg`` (in place) and return it."""
+    """Add the MODEL.PVT, MODEL.DGE and SOLVER keys to ``cfg`` (in place) and return it."""
     # ---------------------------------------------------------------- backbones
     cfg.MODEL.PVT = CN()
     # Model size: "tiny", "small", "medium" or "large" (PVT v1 hyper-parameters).
@@ -41,4 +41,11 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.MODEL.DGE.BUDGET = 0.5
     # λ, weight of the budget loss (Eq. 8).
     cfg.MODEL.DGE.BUDGET_WEIGHT = 1.0
+
+    # ---------------------------------------------------------------- solver
+    # "AdamW" (the paper's detection / segmentation recipes) or "SGD"; norms, position
+    # embeddings, class tokens and router biases never decay.
+    cfg.SOLVER.OPTIMIZER = "AdamW"
+    # (β1, β2) of AdamW.
+    cfg.SOLVER.BETAS = (0.9, 0.999)
     return cfg
