@@ -1,10 +1,27 @@
 """Everything that differs between detectron2 v0.6 (pb1-detectron2, no compiled ops) and
-current detectron2 built from source goes through this module, nowhere else."""
+current detectron2 built from source goes through this module, nowhere else:
+compiled ops and the COCO evaluator's fast path, multi-process launch on CPU (v0.6 asserts
+CUDA and NCCL), DDP of CPU models, and the local process group."""
+import contextlib
 import functools
+import logging
+from datetime import timedelta
 
 import detectron2
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
 
-__all__ = ["DETECTRON2_VERSION", "has_compiled_ops", "detectron2_description"]
+__all__ = [
+    "DETECTRON2_VERSION",
+    "has_compiled_ops",
+    "detectron2_description",
+    "coco_evaluator",
+    "launch",
+    "cpu_ddp_support",
+]
+
+logger = logging.getLogger(__name__)
 
 # (major, minor) of the installed detectron2, e.g. (0, 6).
 DETECTRON2_VERSION = tuple(int(v) for v in detectron2.__version__.split(".")[:2])
@@ -24,3 +41,80 @@ def has_compiled_ops() -> bool:
 def detectron2_description() -> str:
     ops = "compiled ops" if has_compiled_ops() else "no compiled ops"
     return f"detectron2 {detectron2.__version__} ({ops})"
+
+
+def coco_evaluator(dataset_name: str, output_dir=None, **kwargs):
+    """COCOEvaluator on the C++ fast path when compiled, else pycocotools' official one."""
+    from detectron2.evaluation import COCOEvaluator
+
+    return COCOEvaluator(dataset_name, output_dir=output_dir, use_fast_impl=has_compiled_ops(), **kwargs)
+
+
+# ---------------------------------------------------------------------------- launch
+def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: int = 0, dist_url=None, args=()):
+    """detectron2's ``launch`` on GPUs; on a machine without CUDA, ``num_processes`` CPU
+    processes per machine joined by the gloo backend (v0.6 asserts CUDA, so this is ours)."""
+    if torch.cuda.is_available():
+        from detectron2.engine import launch as d2_launch
+
+        return d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
+    world_size = num_processes * num_machines
+    if world_size == 1:
+        return main_func(*args)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError('dist_url="auto" is only for one machine; give tcp://HOST:PORT')
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    torch.multiprocessing.start_processes(
+        _cpu_worker,
+        nprocs=num_processes,
+        args=(main_func, world_size, num_processes, machine_rank, dist_url, args),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+    global_rank = machine_rank * num_per_machine + local_rank
+    dist.init_process_group(
+        backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
+        timeout=timedelta(minutes=30),
+    )
+    _set_local_process_group(num_per_machine, machine_rank, world_size)
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _set_local_process_group(num_per_machine: int, machine_rank: int, world_size: int) -> None:
+    if hasattr(comm, "create_local_process_group"):  # current detectron2
+        comm.create_local_process_group(num_per_machine)
+        return
+    for i in range(world_size // num_per_machine):  # v0.6
+        group = dist.new_group(list(range(i * num_per_machine, (i + 1) * num_per_machine)))
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+@contextlib.contextmanager
+def cpu_ddp_support():
+    """While active, detectron2's ``create_ddp_model`` wraps CPU models in DDP without
+    ``device_ids`` (both v0.6 and current detectron2 pass the local rank as a CUDA device)."""
+    from detectron2.engine import defaults
+
+    original = defaults.create_ddp_model
+
+    def create_ddp_model(model, **kwargs):
+        if comm.get_world_size() > 1 and next(model.parameters()).device.type == "cpu":
+            kwargs.setdefault("device_ids", None)
+        return original(model, **kwargs)
+
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = original

@@ -1,4 +1,6 @@
-# Importing this package registers the synthetic datasets (dge_synthetic_*) with detectron2.
+"""Datasets: importing this package registers the synthetic datasets (dge_synthetic_*)."""
+from .checks import CheckedDatasetMapper, check_datasets
+from .images import DEFAULT_PHOTOS, iter_images
 from .synthetic import (
     SYNTHETIC_CLASSES,
     ensure_synthetic_dataset,

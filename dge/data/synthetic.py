@@ -496,6 +496,7 @@ def register_synthetic_datasets(
                 "json_file": os.path.join(root, "annotations", f"instances_{split}.json"),
                 "image_root": image_root,
                 "evaluator_type": "coco",
+                "generator": __name__,
                 "thing_classes": list(SYNTHETIC_CLASSES),
                 "thing_dataset_id_to_contiguous_id": {
                     k + 1: k for k in range(len(SYNTHETIC_CLASSES))
@@ -509,6 +510,7 @@ def register_synthetic_datasets(
                 "image_root": image_root,
                 "sem_seg_root": os.path.join(root, "sem_seg", split),
                 "evaluator_type": "sem_seg",
+                "generator": __name__,
                 "stuff_classes": ["background", *SYNTHETIC_CLASSES],
                 "ignore_label": 255,
             },

@@ -1,18 +1,30 @@
 """Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model."""
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, List, Union
+from typing import Dict, Iterable, List, Tuple, Union
 
 import torch
 from torch import nn
 
 from .encoder import DynamicGrainedEncoder
 
-__all__ = ["ComplexityReport", "dge_modules", "complexity_report", "budget_loss"]
+__all__ = ["ComplexityReport", "dge_modules", "dge_stages", "complexity_report", "budget_loss"]
 
 
 def dge_modules(model: nn.Module) -> List[DynamicGrainedEncoder]:
     """Every DGE block of ``model``, in forward (registration) order."""
     return [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
+
+
+def dge_stages(model: nn.Module) -> Dict[str, List[Tuple[int, str, DynamicGrainedEncoder]]]:
+    """DGE blocks grouped by the module holding their block list ("...stages.0.blocks.3" ->
+    "...stages.0"), in forward order: {stage: [(layer index, name, block)]}."""
+    stages: Dict[str, list] = OrderedDict()
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)]
+    for i, (name, m) in enumerate(named):
+        key = name.rsplit(".blocks.", 1)[0] if ".blocks." in name else name.rsplit(".", 1)[0]
+        stages.setdefault(key, []).append((i, name, m))
+    return stages
 
 
 @dataclass

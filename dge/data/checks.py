@@ -1,0 +1,46 @@
+"""Clear errors for datasets that are not there and images that cannot be read."""
+import os
+from typing import Iterable
+
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+
+__all__ = ["check_datasets", "CheckedDatasetMapper"]
+
+_PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root")
+
+
+def check_datasets(names: Iterable[str]) -> None:
+    """Raise a clear error for an unregistered dataset or a missing folder/file of a
+    registered one (COCO, ADE20K, ...); datasets that dge generates are generated here."""
+    for name in names:
+        if name not in DatasetCatalog.list():
+            known = ", ".join(sorted(DatasetCatalog.list()))
+            raise KeyError(f"dataset {name!r} is not registered. Registered datasets: {known}")
+        meta = MetadataCatalog.get(name)
+        if meta.get("generator"):
+            DatasetCatalog.get(name)  # generated on first use
+            continue
+        for key in _PATH_KEYS:
+            path = meta.get(key)
+            if path and not os.path.exists(path):
+                root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+                raise FileNotFoundError(
+                    f"dataset {name!r} expects its {key} at {path!r}, which does not exist. "
+                    f"Datasets are looked up under DETECTRON2_DATASETS (now {root!r}); see "
+                    "https://detectron2.readthedocs.io/en/latest/tutorials/builtin_datasets.html "
+                    "for the expected layout."
+                )
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """detectron2's DatasetMapper that names the file when an image cannot be read."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as e:  # what PIL raises for corrupt or truncated files
+            name = dataset_dict.get("file_name", "?")
+            raise RuntimeError(
+                f"could not read image {name!r} ({type(e).__name__}: {e}). The file is corrupt or "
+                "not an image: replace it or drop it from the dataset."
+            ) from e

@@ -1,0 +1,59 @@
+"""Images for the tools: files, folders, registered datasets, or the real photographs that
+scikit-image ships (``skimage:chelsea``)."""
+import os
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["DEFAULT_PHOTOS", "iter_images"]
+
+# Real photographs inside the scikit-image package (no download).
+DEFAULT_PHOTOS = ("skimage:chelsea", "skimage:astronaut", "skimage:coffee", "skimage:rocket")
+_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _read_bgr(path: str) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"could not read image {path!r} (missing, corrupt or not an image)")
+    return image
+
+
+def iter_images(
+    inputs: Sequence[str] = (), dataset: Optional[str] = None, max_images: Optional[int] = None
+) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yields (name, BGR uint8 [H, W, 3]) for each input: an image file, a folder (its
+    images, sorted), ``skimage:NAME`` (``skimage.data.NAME()``), then the images of the
+    registered ``dataset``; at most ``max_images`` in all."""
+    count = 0
+    sources = []
+    for item in inputs:
+        if item.startswith("skimage:"):
+            sources.append(item)
+        elif os.path.isdir(item):
+            sources += [os.path.join(item, f) for f in sorted(os.listdir(item)) if f.lower().endswith(_IMAGE_EXTS)]
+        elif os.path.isfile(item):
+            sources.append(item)
+        else:
+            raise FileNotFoundError(f"input {item!r} is not an image file, a folder or skimage:NAME")
+    if dataset:
+        from detectron2.data import DatasetCatalog
+
+        sources += [d["file_name"] for d in DatasetCatalog.get(dataset)]
+    for src in sources:
+        if max_images is not None and count >= max_images:
+            return
+        if src.startswith("skimage:"):
+            import skimage.data
+
+            name = src.split(":", 1)[1]
+            if not hasattr(skimage.data, name):
+                raise ValueError(f"scikit-image ships no image {name!r}")
+            rgb = getattr(skimage.data, name)()
+            rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]
+            yield name, np.ascontiguousarray(rgb[..., ::-1])
+        else:
+            yield os.path.splitext(os.path.basename(src))[0], _read_bgr(src)
+        count += 1

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Train and evaluate DGE models (Mask R-CNN, Semantic FPN) with detectron2.
+
+    python train_net.py --config-file configs/mask_rcnn_pvt_s_dge_1x.yaml --num-gpus 8
+    python train_net.py --config-file ... --eval-only MODEL.WEIGHTS path/to/model.pth
+    python train_net.py --config-file ... --resume           # continue the last checkpoint
+
+``--num-gpus N`` starts N processes: one per GPU with NCCL where CUDA is available,
+otherwise N CPU processes joined by gloo. Scaling: SOLVER.IMS_PER_BATCH is the total over
+all processes; with SOLVER.REFERENCE_WORLD_SIZE set, detectron2 scales the batch, the
+learning rate (linearly) and the schedule (inversely) to the actual world size.
+"""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
+from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
+from detectron2.utils import comm
+
+import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
+from dge import add_dge_config
+from dge.compat import coco_evaluator, cpu_ddp_support, launch
+from dge.data import CheckedDatasetMapper, check_datasets
+from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, build_optimizer
+
+logger = logging.getLogger("dge")
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with DGE's optimizer, evaluators, data checks and atomic checkpoints."""
+
+    def __init__(self, cfg):
+        with cpu_ddp_support():
+            super().__init__(cfg)
+
+    def build_hooks(self):
+        # Replaces DefaultTrainer's checkpointer before its hooks capture it.
+        self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        return super().build_hooks()
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        evaluators = []
+        if evaluator_type in ("coco", "coco_panoptic_seg"):
+            evaluators.append(coco_evaluator(dataset_name, output_dir=output_folder))
+        elif evaluator_type == "sem_seg":
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        else:
+            raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
+        evaluators.append(DGEStatsEvaluator())
+        return DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_dge_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("CUDA is not available: running on the CPU")
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    check_datasets(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
