@@ -242,7 +242,9 @@ def gather_queries(
     for g, src, dest in packing.sources:
         rows = pooled[g].reshape(-1, c)
         lo, hi = (dest[0].item(), dest[-1].item()) if dest.numel() else (0, -1)
-        if hi - lo + 1 == dest.numel():  # one contiguous block (e.g. batch 1): no temporary
+        contiguous = hi - lo + 1 == dest.numel()
+        if contiguous and not (torch.is_grad_enabled() and rows.requires_grad):
+            # One contiguous block (e.g. batch 1 at inference): gather without a temporary.
             torch.index_select(rows, 0, src, out=queries[lo : hi + 1])
         else:
             queries.index_copy_(0, dest, rows.index_select(0, src))
