@@ -1,0 +1,15 @@
+"""PVT / DPVT / DeiT backbones (with or without DGE) for timm and detectron2."""
+from . import deit as _deit  # noqa: F401  (timm registration)
+from .d2 import PVTBackbone, build_pvt_backbone, build_pvt_fpn_backbone
+from .deit import DeiT
+from .pvt import PyramidVisionTransformer, checkpoint_filter_fn, convert_pvt_state_dict
+
+__all__ = [
+    "DeiT",
+    "PVTBackbone",
+    "PyramidVisionTransformer",
+    "build_pvt_backbone",
+    "build_pvt_fpn_backbone",
+    "checkpoint_filter_fn",
+    "convert_pvt_state_dict",
+]

@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Convert ImageNet checkpoints to this project's parameter names, for detectron2
+(MODEL.WEIGHTS) or timm.
+
+Sources: official PVT v1 classification checkpoints (whai362/PVT: pvt_tiny.pth ...
+pvt_large.pth), vtpack's PVT / PVT+DGE / DPVT / DeiT(+DGE) checkpoints and timm / official
+DeiT checkpoints (their fused ``attn.qkv`` is split into ``attn.q`` and ``attn.kv``).
+
+    # detectron2: the bottom-up backbone of a config (its position-embedding grid, Φ, ...)
+    python tools/convert_pretrained.py pvt_small.pth pvt_small_d2.pth --config-file configs/mask_rcnn_pvt_s_1x.yaml
+    # detectron2 or timm, for a timm model name
+    python tools/convert_pretrained.py pvt_small.pth pvt_small_d2.pth --model pvt_small_dge --format d2
+    python tools/convert_pretrained.py deit_small.pth deit_small_dge.pth --model deit_small_dge --format timm
+
+Keys the target does not use (classifier, class token of a detection backbone, ...) are
+listed with the reason; keys the target lacks or the checkpoint lacks are listed and make
+the conversion fail (exit 1) unless ``--allow-mismatch``. Routers missing from a vanilla
+checkpoint are left out of the file, so the DGE model keeps their initial values: the log
+says so, and so does detectron2's checkpointer when it loads the file.
+"""
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import timm  # noqa: E402
+
+import dge  # noqa: E402
+from dge.modeling.backbone import d2, deit, pvt  # noqa: E402  (also registers the timm models)
+
+logger = logging.getLogger("convert_pretrained")
+
+
+def checkpoint_img_size(state_dict, family: str) -> Optional[int]:
+    """Input size the checkpoint's position embeddings were trained for (square grids)."""
+    if family == "deit":
+        pos = state_dict.get("pos_embed")
+        stride, extra = 16, 1
+    else:
+        pos = state_dict.get("pos_embed1", state_dict.get("stages.0.pos_embed"))
+        stride, extra = 4, 0
+    if pos is None:
+        return None
+    side = math.isqrt(pos.shape[1] - extra)
+    return side * stride if side * side == pos.shape[1] - extra else None
+
+
+def build_target(args, state_dict) -> Tuple[nn.Module, str]:
+    """The model whose names the checkpoint is converted to, and its family ("pvt" or "deit")."""
+    if args.config_file:
+        from detectron2.config import get_cfg
+        from detectron2.layers import ShapeSpec
+
+        cfg = get_cfg()
+        dge.add_dge_config(cfg)
+        cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        return d2.build_pvt_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))), "pvt"
+    name = args.model
+    family = "deit" if name.startswith("deit") else "pvt"
+    if not (name.startswith(("pvt_", "dpvt_", "deit_")) and name in timm.list_models()):
+        raise SystemExit(f"--model must be one of this project's timm models (pvt_*, dpvt_*, deit_*); got {name!r}")
+    img_size = args.img_size or checkpoint_img_size(state_dict, family) or 256
+    if args.format == "d2":
+        if family == "deit":
+            raise SystemExit("--format d2 needs a PVT / DPVT model: DeiT has no detectron2 backbone here")
+        model = timm.create_model(name, num_classes=0, global_pool="avg", img_size=img_size)
+        return d2.PVTBackbone(model), family
+    head = state_dict.get("head.weight")
+    num_classes = head.shape[0] if head is not None else 0
+    return timm.create_model(name, num_classes=num_classes, img_size=img_size), family
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="checkpoint to convert (.pth)")
+    parser.add_argument("output", help="file to write (.pth)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config-file", help="detectron2 config: convert for its PVT / DPVT (+DGE) backbone")
+    target.add_argument("--model", help="timm model name, e.g. pvt_small, pvt_small_dge, dpvt_small, deit_small_dge")
+    parser.add_argument("--format", choices=("d2", "timm"), default="d2", help="output layout (default d2)")
+    parser.add_argument(
+        "--img-size", type=int, help="input size of the target's position-embedding grid (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--prefix", default="backbone.bottom_up.", help="key prefix of d2 files (default: the FPN's bottom-up)"
+    )
+    parser.add_argument(
+        "--allow-mismatch", action="store_true", help="write the file despite missing / unexpected keys"
+    )
+    parser.add_argument("opts", nargs="*", help="config overrides (KEY VALUE ...) with --config-file")
+    args = parser.parse_intermixed_args(argv)
+    if args.config_file and args.format != "d2":
+        parser.error("--config-file converts for detectron2: use --format d2")
+
+    state_dict = pvt.unwrap_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
+    model, family = build_target(args, state_dict)
+    convert = deit.convert_deit_state_dict if family == "deit" else pvt.convert_pvt_state_dict
+    try:
+        conversion = convert(state_dict, model)
+    except ValueError as e:
+        logger.error(f"{args.source}: {e}")
+        return 1
+    conversion.log(logger)
+    other_missing = [k for k in conversion.missing if k not in conversion.initial_routers]
+    if (conversion.unexpected or other_missing) and not args.allow_mismatch:
+        logger.error(
+            f"not written: {len(other_missing)} missing and {len(conversion.unexpected)} unexpected keys "
+            "(listed above); --allow-mismatch writes the file anyway"
+        )
+        return 1
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "d2":
+        payload = {
+            "model": {args.prefix + k: v for k, v in conversion.state_dict.items()},
+            "__author__": f"dge tools/convert_pretrained.py ({conversion.source})",
+            "matching_heuristics": False,
+        }
+    else:
+        payload = conversion.state_dict
+    torch.save(payload, out)
+    logger.info(f"wrote {out} ({args.format}, {len(conversion.state_dict)} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
