@@ -23,6 +23,7 @@ from detectron2.utils import comm
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge import add_dge_config
+from dge.config import merge_config
 from dge.compat import coco_evaluator, cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
 from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, build_optimizer
@@ -41,6 +42,18 @@ class Trainer(DefaultTrainer):
         # Replaces DefaultTrainer's checkpointer before its hooks capture it.
         self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         return super().build_hooks()
+
+    # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do):
+    # save and restore it, so that --resume continues exactly.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -68,8 +81,7 @@ class Trainer(DefaultTrainer):
 def setup(args):
     cfg = get_cfg()
     add_dge_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()

@@ -1,4 +1,8 @@
 """Every config key dge adds to detectron2's config, with its default."""
+import difflib
+import re
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
 
 
@@ -48,4 +52,28 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "AdamW"
     # (β1, β2) of AdamW.
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    return cfg
+
+
+def _all_keys(cfg: CN, prefix: str = "") -> list:
+    keys = []
+    for k, v in cfg.items():
+        keys += _all_keys(v, f"{prefix}{k}.") if isinstance(v, CN) else [prefix + k]
+    return keys
+
+
+def merge_config(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> CN:
+    """``cfg.merge_from_file`` + ``merge_from_list``, where a misspelt key raises a KeyError
+    that names it and suggests the closest existing keys."""
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:
+        match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+        if not match:
+            raise
+        key = match.group(1)
+        close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.7)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise KeyError(f"Non-existent config key: {key} (in {config_file} or the command line){hint}") from None
     return cfg

@@ -11,8 +11,9 @@ __all__ = ["DGEStatsEvaluator"]
 class DGEStatsEvaluator(DatasetEvaluator):
     """Mean of ``output["dge"]`` (β, β per stage, shares of granularities) over a dataset.
 
-    Results appear as ``{"dge": {"beta": ..., "beta_stage1": ..., "share_phi1": ...}}`` and,
-    through detectron2's EvalHook, as ``dge/beta`` ... in the metrics and TensorBoard.
+    Results appear as ``{"routing": {"beta": ..., "beta_stage1": ..., "share_phi1": ...}}`` and,
+    through detectron2's EvalHook, as ``routing/beta`` ... in the metrics and TensorBoard
+    (training writes ``dge/beta`` ...).
     """
 
     def __init__(self, distributed: bool = True):
@@ -38,4 +39,4 @@ class DGEStatsEvaluator(DatasetEvaluator):
         for v in values:
             for k, x in v.items():
                 sums[k] += x
-        return OrderedDict(dge={k: s / len(values) for k, s in sums.items()})
+        return OrderedDict(routing={k: s / len(values) for k, s in sums.items()})

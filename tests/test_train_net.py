@@ -1,0 +1,201 @@
+"""train_net.py end to end on the synthetic dataset: train, resume, evaluate, CPU DDP,
+the budget loss, and clear failures."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from detectron2.engine import default_argument_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
+
+from dge.data import register_synthetic_datasets  # noqa: E402
+
+DEMO = os.path.join(ROOT, "configs", "demo_pvt_dge_synthetic.yaml")
+# A small, fast variant of the demo: 128×160 inputs, 2 images per batch, no workers.
+FAST = [
+    "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
+    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+]
+SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
+    register_synthetic_datasets(root=root, **SMALL_DATA)
+    yield root
+    register_synthetic_datasets()  # back to the default root
+
+
+def run_args(*extra, eval_only=False, resume=False):
+    argv = ["--config-file", DEMO]
+    argv += ["--eval-only"] if eval_only else []
+    argv += ["--resume"] if resume else []
+    return default_argument_parser().parse_args(argv + FAST + list(extra))
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_resume_and_evaluate(data_root, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = train_net.setup(run_args("SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "OUTPUT_DIR", out))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = torch.load(os.path.join(out, "model_final.pth"), weights_only=False)
+    assert saved["iteration"] == 3
+    assert open(os.path.join(out, "last_checkpoint")).read().strip() == "model_final.pth"
+    metrics = read_metrics(out)
+    train_rows = [m for m in metrics if "total_loss" in m]
+    assert train_rows and all("loss_budget" in m and "dge/beta" in m and "dge/share_phi4" in m for m in train_rows)
+    assert "bbox/AP50" in metrics[-1] and "routing/beta" in metrics[-1]  # the final evaluation
+
+    cfg2 = train_net.setup(run_args("SOLVER.MAX_ITER", "6", "OUTPUT_DIR", out, resume=True))
+    trainer2 = train_net.Trainer(cfg2)
+    trainer2.resume_or_load(resume=True)
+    assert trainer2.start_iter == 4
+    state = trainer2.optimizer.state_dict()["state"]
+    saved_state = saved["trainer"]["_trainer"]["optimizer"]["state"]
+    assert len(saved_state) > 0
+    for k, v in saved_state.items():
+        assert torch.equal(state[k]["exp_avg"], v["exp_avg"])
+        assert state[k]["step"] == v["step"]
+    trainer2.train()
+    assert [m for m in read_metrics(out) if "total_loss" in m][-1]["iteration"] == 5
+
+    results = train_net.main(run_args("MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", out, eval_only=True))
+    assert set(results) >= {"bbox", "segm", "routing"}
+    assert 0 <= results["bbox"]["AP50"] <= 100
+    assert 0.0 < results["routing"]["beta"] <= 1.1
+
+
+def _ddp_worker(data_root, out):
+    register_synthetic_datasets(root=data_root, **SMALL_DATA)
+    from detectron2.utils import comm
+
+    cfg = train_net.setup(run_args("SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "4", "OUTPUT_DIR", out))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    after = list(trainer.model.parameters())
+    changed = sum(int(not torch.equal(a, b)) for a, b in zip(after, before))
+    checksum = torch.cat([p.detach().flatten() for p in after]).double().sum().item()
+    results = comm.all_gather((comm.get_rank(), checksum, changed))
+    if comm.is_main_process():
+        with open(os.path.join(out, "ranks.json"), "w") as f:
+            json.dump(results, f)
+
+
+def test_two_cpu_processes_with_gloo_keep_identical_weights(data_root, tmp_path):
+    from dge.compat import launch
+
+    out = str(tmp_path / "ddp")
+    os.makedirs(out)
+    launch(_ddp_worker, 2, dist_url="auto", args=(data_root, out))
+    results = json.load(open(os.path.join(out, "ranks.json")))
+    assert sorted(r[0] for r in results) == [0, 1]
+    assert results[0][1] == results[1][1]
+    assert results[0][2] > 0  # the step changed the weights
+
+
+def test_paper_config_resolves_to_the_paper_settings():
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(ROOT, "configs", "mask_rcnn_pvt_s_dge_1x.yaml")]
+    )
+    from detectron2.config import get_cfg
+
+    from dge import add_dge_config
+
+    cfg = add_dge_config(get_cfg())
+    cfg.merge_from_file(args.config_file)
+    assert cfg.MODEL.META_ARCHITECTURE == "DGERCNN"
+    assert cfg.SOLVER.MAX_ITER == 90000 and tuple(cfg.SOLVER.STEPS) == (60000, 80000)
+    assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 1e-4
+    assert cfg.SOLVER.OPTIMIZER == "AdamW" and cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert cfg.MODEL.DGE.ENABLED and cfg.MODEL.DGE.BUDGET == 0.5
+    assert list(cfg.MODEL.DGE.GRANULARITIES) == [1, 2, 4]
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (768,)
+    assert cfg.MODEL.PVT.SIZE == "small" and cfg.MODEL.PVT.ATTENTION == "sr"
+
+
+def test_budget_loss_moves_beta_toward_a_low_budget(data_root, tmp_path):
+    out = str(tmp_path / "budget")
+    cfg = train_net.setup(run_args(
+        "SOLVER.MAX_ITER", "25", "SOLVER.BASE_LR", "0.02", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        "MODEL.DGE.BUDGET", "0.25", "MODEL.DGE.BUDGET_WEIGHT", "5.0", "OUTPUT_DIR", out,
+    ))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    betas = [v for v, _ in trainer.storage.history("dge/beta").values()]
+    assert len(betas) == 25
+    assert betas[0] > 0.8  # the routers start by favouring φ = 1
+    late = sum(betas[-5:]) / 5
+    assert late < 0.7 and betas[0] - late > 0.25, betas  # measured: 0.97 -> ~0.55 toward γ = 0.25
+
+
+def test_bad_input_ends_with_a_clear_message(data_root, tmp_path, monkeypatch):
+    with pytest.raises(KeyError, match="'no_such_dataset' is not registered"):
+        train_net.main(run_args("DATASETS.TRAIN", "('no_such_dataset',)", "OUTPUT_DIR", str(tmp_path)))
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nowhere"))
+    from detectron2.data.datasets import register_coco_instances
+
+    register_coco_instances("dge_test_missing_coco", {}, str(tmp_path / "nowhere/coco/ann.json"), str(tmp_path / "nowhere/coco/img"))
+    with pytest.raises(FileNotFoundError, match="expects its json_file at .*nowhere/coco/ann.json"):
+        train_net.main(run_args("DATASETS.TRAIN", "('dge_test_missing_coco',)", "OUTPUT_DIR", str(tmp_path)))
+    with pytest.raises(KeyError, match="Non-existent config key: MODEL.DGE.BUDGT .*did you mean MODEL.DGE.BUDGET"):
+        train_net.setup(run_args("MODEL.DGE.BUDGT", "0.3", "OUTPUT_DIR", str(tmp_path)))
+
+
+def test_corrupt_image_is_named(data_root, tmp_path):
+    from dge.data import CheckedDatasetMapper
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cfg = train_net.setup(run_args("OUTPUT_DIR", str(tmp_path)))
+    mapper = CheckedDatasetMapper(cfg, is_train=True)
+    with pytest.raises(RuntimeError, match="could not read image .*broken.png"):
+        mapper({"file_name": str(bad), "height": 8, "width": 8, "annotations": []})
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+    out = str(tmp_path / "nan")
+    cfg = train_net.setup(run_args("SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "OUTPUT_DIR", out))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    model = trainer.model
+    model.roi_heads.box_predictor.register_forward_hook(
+        lambda m, i, o: (o[0] * float("nan"), o[1]) if trainer.iter >= 1 else o
+    )
+    with pytest.raises(FloatingPointError, match="Loss became infinite or NaN at iteration=1"):
+        trainer.train()
+    assert open(os.path.join(out, "last_checkpoint")).read().strip() == "model_0000000.pth"
+    assert torch.load(os.path.join(out, "model_0000000.pth"), weights_only=False)["iteration"] == 0
+
+
+def test_a_crash_while_saving_never_leaves_a_half_written_latest_checkpoint(tmp_path, monkeypatch):
+    from dge.engine import AtomicCheckpointer
+
+    model = torch.nn.Linear(2, 2)
+    ckpt = AtomicCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000")
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0001")
+    assert ckpt.get_checkpoint_file().endswith("model_0000.pth")
+    assert not os.path.exists(tmp_path / "model_0001.pth")
