@@ -14,16 +14,13 @@ import logging
 import os
 import weakref
 
-import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
 from detectron2.utils import comm
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
-from dge import add_dge_config
-from dge.config import merge_config
+from dge.config import load_config
 from dge.compat import coco_evaluator, cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
 from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, build_optimizer
@@ -79,11 +76,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_dge_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu":

@@ -77,3 +77,16 @@ def merge_config(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> CN:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise KeyError(f"Non-existent config key: {key} (in {config_file} or the command line){hint}") from None
     return cfg
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """detectron2's config + dge's keys, merged with ``config_file`` and ``opts`` (KEY VALUE
+    pairs); MODEL.DEVICE falls back to "cpu" where CUDA is not available. Not frozen."""
+    import torch
+    from detectron2.config import get_cfg
+
+    cfg = add_dge_config(get_cfg())
+    merge_config(cfg, config_file, opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg

@@ -15,29 +15,16 @@ import json
 import logging
 import os
 
-import torch
 import tqdm
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401
-from dge import add_dge_config
+from dge.config import load_config
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
 from dge.data import DEFAULT_PHOTOS, iter_images
 
 logger = logging.getLogger("dge.visualize_gates")
-
-
-def setup_cfg(args):
-    cfg = get_cfg()
-    add_dge_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
 
 
 def main(argv=None):
@@ -50,7 +37,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_logger(name="dge")
-    cfg = setup_cfg(args)
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
     inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: the gates shown are those of a randomly initialised model")

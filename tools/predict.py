@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Run a checkpoint with detectron2's DefaultPredictor on images, a folder or a dataset, and
+write the visualised predictions (boxes, masks or segmentation) with each image's β.
+
+    python tools/predict.py --config-file configs/demo_pvt_dge_synthetic.yaml \
+        --input photo.jpg folder/ skimage:coffee --output output/predictions \
+        MODEL.WEIGHTS output/demo/model_final.pth
+"""
+import argparse
+import json
+import logging
+import os
+
+import cv2
+import tqdm
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+import dge  # noqa: F401  (registration)
+from dge.data import DEFAULT_PHOTOS, iter_images
+from dge.config import load_config
+
+logger = logging.getLogger("dge.predict")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--input", nargs="*", default=[], help="image files, folders or skimage:NAME")
+    parser.add_argument("--dataset", help="a registered dataset to take images from")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--output", default="output/predictions")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    setup_logger(name="dge")
+    cfg = load_config(args.config_file, args.opts)
+    cfg.freeze()
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: predictions come from a randomly initialised model")
+    predictor = DefaultPredictor(cfg)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    os.makedirs(args.output, exist_ok=True)
+    summary = {}
+    inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
+    for name, bgr in tqdm.tqdm(list(iter_images(inputs, args.dataset, args.max_images)), desc="predict"):
+        out = predictor(bgr)
+        vis = Visualizer(bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+        record = {"beta": out.get("dge", {}).get("beta")}
+        if "instances" in out:
+            instances = out["instances"].to("cpu")
+            instances = instances[instances.scores >= args.confidence_threshold]
+            drawn = vis.draw_instance_predictions(instances)
+            record["num_detections"] = len(instances)
+        elif "sem_seg" in out:
+            drawn = vis.draw_sem_seg(out["sem_seg"].argmax(dim=0).to("cpu"))
+        else:
+            raise ValueError(f"no instances or sem_seg in the output of {cfg.MODEL.META_ARCHITECTURE}")
+        path = os.path.join(args.output, f"{name}_pred.jpg")
+        cv2.imwrite(path, drawn.get_image()[:, :, ::-1])
+        summary[name] = {**record, "file": path}
+    with open(os.path.join(args.output, "predictions.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    logger.info(f"wrote {len(summary)} images and predictions.json to {args.output}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
