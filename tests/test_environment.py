@@ -29,6 +29,8 @@ def test_detectron2_imports_before_dge_in_a_fresh_process():
         "detectron2.model_zoo",
         "detectron2.utils.visualizer",
         "detectron2.data.transforms",
+        "detectron2.export",
+        "detectron2.utils.analysis",
     ],
 )
 def test_every_detectron2_module_imports(module):

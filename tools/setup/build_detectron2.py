@@ -16,7 +16,7 @@ and installs it with ``--no-deps`` (dge's requirements.txt pins what v0.6 needs)
 Usage: ``python tools/setup/build_detectron2.py`` (idempotent: a detectron2 that is
 already importable with compiled ops, or this patched build, is kept).
 """
-import os
+import hashlib
 import re
 import shutil
 import subprocess
@@ -28,8 +28,6 @@ from pathlib import Path
 SDIST = "pb1-detectron2==0.6"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 HERE = Path(__file__).resolve().parent
-# Marks a build made by this script (read back by dge.compat / dge.collect_env).
-PATCH_MARK = "# patched by dge tools/setup/build_detectron2.py"
 
 # (file, regex, replacement): every source edit of the patch, in one table.
 SOURCE_PATCHES = [
@@ -42,7 +40,21 @@ SOURCE_PATCHES = [
         r'str(importlib.resources.files("detectron2.model_zoo").joinpath(\1))',
     ),
     (r"setup\.py", r"ext_modules=get_extensions\(\),", "ext_modules=[],"),
+    # caffe2 export needs a torch built with caffe2 (gone from current torch): import it only
+    # when present, as current detectron2 does (detectron2.utils.analysis imports export).
+    (
+        r"detectron2/export/__init__\.py",
+        r"^from \.api import \*$",
+        "try:\n    from caffe2.proto import caffe2_pb2 as _tmp  # noqa\n"
+        "except ImportError:\n    pass\nelse:\n    from .api import *",
+    ),
 ]
+
+def _patch_mark() -> str:
+    """First line of the installed detectron2/_C.py: names this patch by a hash of its edits
+    and the stand-in, so that a changed patch gets rebuilt."""
+    digest = hashlib.sha256(repr(SOURCE_PATCHES).encode() + (HERE / "detectron2_C_standin.py").read_bytes())
+    return f"# patched by dge tools/setup/build_detectron2.py, patch {digest.hexdigest()[:12]}"
 
 
 def log(msg: str) -> None:
@@ -50,14 +62,18 @@ def log(msg: str) -> None:
 
 
 def installed_detectron2() -> str:
-    """'compiled', 'patched', 'broken' or 'missing' for the detectron2 in this Python."""
+    """'compiled', 'patched' (by this patch), 'outdated' (by an older patch), 'broken' or
+    'missing' for the detectron2 in this Python."""
     probe = (
-        "import detectron2, detectron2._C as C, detectron2.engine, detectron2.evaluation;"
-        "print('patched' if getattr(C, 'IS_STANDIN', False) else 'compiled')"
+        "import detectron2, detectron2._C as C, detectron2.engine, detectron2.evaluation, detectron2.export;"
+        "print('patched' if getattr(C, 'IS_STANDIN', False) else 'compiled', C.__file__)"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     if r.returncode == 0:
-        return r.stdout.strip().splitlines()[-1]
+        state, path = r.stdout.strip().splitlines()[-1].split(" ", 1)
+        if state == "patched" and Path(path).read_text().splitlines()[0] != _patch_mark():
+            return "outdated"
+        return state
     r = subprocess.run([sys.executable, "-c", "import detectron2"], capture_output=True)
     return "broken" if r.returncode == 0 else "missing"
 
@@ -78,7 +94,7 @@ def patch_sources(src: Path) -> int:
     if "ext_modules=[]," not in (src / "setup.py").read_text():
         raise RuntimeError("could not remove the C++ extension from pb1-detectron2's setup.py")
     standin = (HERE / "detectron2_C_standin.py").read_text()
-    (src / "detectron2" / "_C.py").write_text(f"{PATCH_MARK}\n{standin}")
+    (src / "detectron2" / "_C.py").write_text(f"{_patch_mark()}\n{standin}")
     return edits
 
 
@@ -93,8 +109,8 @@ def main() -> int:
     if state in ("compiled", "patched"):
         log(f"detectron2 is already installed ({state} ops); keeping it")
         return 0
-    if state == "broken":
-        log("an installed detectron2 does not import completely; reinstalling it")
+    if state in ("broken", "outdated"):
+        log(f"the installed detectron2 is {state} (does not import completely, or an older patch); reinstalling it")
     with tempfile.TemporaryDirectory(prefix="pb1-detectron2-") as tmp:
         req = Path(tmp, "req.txt")
         req.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n")
@@ -107,7 +123,7 @@ def main() -> int:
         src = next(p for p in Path(tmp).iterdir() if p.is_dir())
         edits = patch_sources(src)
         log(f"patched {edits} lines of detectron2 v0.6 and added the detectron2._C stand-in")
-        pip("install", "--quiet", "--no-deps", "--no-build-isolation", str(src))
+        pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--force-reinstall", str(src))
         shutil.rmtree(src, ignore_errors=True)
     state = installed_detectron2()
     if state != "patched":
