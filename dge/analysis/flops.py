@@ -1,0 +1,661 @@
+"""Dynamic, per-image FLOPs of dge models with fvcore (detectron2's ``FlopCountAnalysis``).
+
+Counting convention (fvcore / detectron2): one fused multiply-add is one flop; additions,
+activations, softmax and other elementwise ops are 0. On top of fvcore's handles (linear,
+conv, matmul, bmm, einsum, norms, upsampling) this counts:
+
+* ``aten::scaled_dot_product_attention`` (fused attention): q·kᵀ and attn·v, i.e.
+  ``B·heads·M·Nk·(d + d_v)`` for queries [B, heads, M, d], keys [.., Nk, d], values [.., Nk, d_v];
+* ``aten::grid_sampler`` (deformable sampling): one multiply-add per tap and sampled value,
+  ``N·C·out_points·taps`` with 4 taps for bilinear, 8 trilinear, 16 bicubic, 1 nearest;
+* ``torchvision::roi_align``: 4 taps per bilinear sample, ``sampling_ratio²`` samples per
+  output bin; with adaptive sampling (ratio ≤ 0, detectron2's default) the number depends on
+  the boxes, which a trace does not record: one sample per bin is counted (a lower bound);
+* the DGE gather / scatter / pooling ops (``index_select``, ``index_copy_``, ``gather``,
+  ``scatter*``, ``avg_pool2d``, ``cumsum``, ...) as data movement: 0 flops, but listed;
+* elementwise ops, reductions and NMS: 0 by the convention, listed as such.
+
+Any other op is *unsupported*: it is named in the report (and counted 0), never dropped
+silently. Scripted functions (``prim::CallFunction``) are named after the function.
+
+DGE routing is data dependent, and fvcore traces one concrete input: each image is traced
+on its own (batch 1), so the trace records that image's query counts. The routing maps are
+traced as extra outputs, so the router is never dropped as dead code when its decision
+only steers Python control flow (e.g. the all-φ=1 fast path). The static count is the same
+model with every DGE block forced to φ = 1 (``force_granularity``), which runs exactly the
+vanilla blocks, without router.
+"""
+import contextlib
+import os
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import fvcore.nn
+import numpy as np
+import torch
+from detectron2.utils import analysis as detectron2_analysis  # activation / parameter counts too
+from fvcore.nn.jit_handles import get_shape
+from torch import nn
+
+from ..layers import DynamicGrainedEncoder, complexity_report, dge_stages
+
+__all__ = [
+    "DATA_MOVEMENT_OPS",
+    "ELEMENTWISE_OPS",
+    "FlopCountAnalysis",
+    "ImageFlops",
+    "LayerFlops",
+    "analyze_image",
+    "analyze_images",
+    "detectron2_analysis",
+    "flops_summary",
+    "force_granularity",
+    "format_flops_report",
+    "grid_sampler_flop_jit",
+    "module_groups",
+    "roi_align_flop_jit",
+    "sdpa_flop_jit",
+]
+
+
+# ---------------------------------------------------------------------------- handles
+
+
+def _numel(value) -> int:
+    return int(np.prod(get_shape(value)))
+
+
+def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::scaled_dot_product_attention(q [.., M, d], k [.., Nk, d], v [.., Nk, d_v])``:
+    q·kᵀ (``M·Nk·d``) plus attn·v (``M·Nk·d_v``) per batch × head. Masks, dropout, scaling
+    and the softmax are elementwise (0)."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    batch = int(np.prod(q[:-2]))
+    m, d = q[-2], q[-1]
+    nk, dv = k[-2], v[-1]
+    return batch * m * nk * (d + dv)
+
+
+def grid_sampler_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``aten::grid_sampler(input [N, C, H, W], grid [N, Ho, Wo, 2], mode, ...)``: one
+    multiply-add per tap per sampled value, ``N·C·Ho·Wo·taps``: bilinear 4 (8 trilinear
+    for 5-D input), bicubic 16, nearest 1 (a copy, counted 1 as fvcore's nearest upsample)."""
+    mode = inputs[2].toIValue()  # 0 bilinear / trilinear, 1 nearest, 2 bicubic
+    spatial_dims = len(get_shape(inputs[0])) - 2
+    taps = {0: 2**spatial_dims, 1: 1, 2: 16}[mode]
+    return _numel(outputs[0]) * taps
+
+
+def roi_align_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``torchvision::roi_align(input, rois, scale, ph, pw, sampling_ratio, aligned)`` ->
+    [K, C, ph, pw]: 4 taps per bilinear sample, ``sampling_ratio²`` samples per bin; an
+    adaptive ratio (≤ 0) depends on the box sizes, which the trace does not keep: 1 sample."""
+    ratio = inputs[5].toIValue()
+    samples = ratio * ratio if isinstance(ratio, int) and ratio > 0 else 1
+    return _numel(outputs[0]) * samples * 4
+
+
+_EXTRA_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::grid_sampler": grid_sampler_flop_jit,
+    "torchvision::roi_align": roi_align_flop_jit,
+}
+
+# Ops that move, select, pool or index data: 0 flops, listed. The DGE layer's gather /
+# scatter (grained pooling, packing, un-pooling) is all of this kind.
+DATA_MOVEMENT_OPS = frozenset(
+    "aten::" + op
+    for op in (
+        "avg_pool2d adaptive_max_pool2d max_pool2d bincount cumsum flip gather index index_add "
+        "index_add_ index_copy index_copy_ index_fill_ index_put index_put_ index_select isin "
+        "masked_fill masked_fill_ masked_scatter masked_select nonzero nonzero_numpy numel pad "
+        "repeat repeat_interleave roll scatter scatter_ scatter_add scatter_add_ scatter_reduce "
+        "scatter_reduce_ take take_along_dim topk sort argsort unique_dim _unique2 where"
+    ).split()
+)
+
+# Elementwise ops and reductions: 0 flops by fvcore's / detectron2's convention, listed.
+# (detectron2's own ignore list, e.g. torchvision::nms, is listed with them.)
+ELEMENTWISE_OPS = frozenset(
+    ["aten::" + op for op in (
+        "abs add add_ addcmul all amax amin aminmax any argmax argmin ceil clamp_min clamp_max "
+        "cos div div_ erf exp exp_ fill_ gelu hardtanh le log log_softmax lt maximum mean min "
+        "minimum mul mul_ ne neg pow reciprocal rsqrt rsub sigmoid sigmoid_ silu sin softmax "
+        "sqrt square sub sub_ sum tanh"
+    ).split()]
+    + sorted(detectron2_analysis._IGNORED_OPS)
+) - DATA_MOVEMENT_OPS
+
+# Scripted functions detectron2 / torchvision call (prim::CallFunction, opaque to the trace)
+# that only do box arithmetic or NMS: 0 by the convention. Any other scripted call is
+# unsupported.
+_ZERO_SCRIPTED = (
+    "Box2BoxTransform.apply_deltas",
+    "Box2BoxTransform.get_deltas",
+    "_batched_nms_coordinate_trick",
+    "_batched_nms_vanilla",
+)
+
+_CATEGORIES = ("data movement", "elementwise")
+
+# ---------------------------------------------------------------------------- analysis
+
+
+class FlopCountAnalysis(detectron2_analysis.FlopCountAnalysis):
+    """detectron2's (and so fvcore's) ``FlopCountAnalysis`` counting every op of dge models.
+
+    Args:
+        model: any module: a detectron2 model (``inputs`` a ``list[dict]`` of one image), a
+            backbone, or a single DGE block (``inputs`` a tuple of its arguments, e.g.
+            ``(x, hw, granularity_map)``; non-tensor arguments are constants of the trace).
+        inputs: the model's arguments, as for detectron2's ``FlopCountAnalysis``.
+
+    Module names are those of detectron2's tracing wrapper: the model is ``"model"``, its
+    children ``"model.backbone"`` etc. (``traced_name``). Besides fvcore's methods:
+    ``zero_flop_ops()`` lists the ops counted 0 by category, and ``unsupported_ops()`` also
+    names unknown scripted calls. One trace is one input: use batch 1 to follow one image's
+    routing (``analyze_image``).
+    """
+
+    @staticmethod
+    def traced_name(name: str) -> str:
+        """The name fvcore reports for the model's submodule ``name`` ("" is the model)."""
+        return "model." + name if name else "model"
+
+    def __init__(self, model: nn.Module, inputs: Any):
+        blocks = [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
+
+        def inference(module, *args):
+            # Every DGE block's routing map becomes an output: it keeps the router live.
+            maps: List[torch.Tensor] = []
+            record = lambda m, i, o: maps.append(m.last_routing.granularity_map)  # noqa: E731
+            hooks = [b.register_forward_hook(record) for b in blocks]
+            try:
+                out = module(*args)
+            finally:
+                for h in hooks:
+                    h.remove()
+            return out, maps
+
+        wrapper = detectron2_analysis.TracingAdapter(model, inputs, inference_func=inference, allow_non_tensor=True)
+        # detectron2's __init__ builds the same adapter without the routing outputs.
+        fvcore.nn.FlopCountAnalysis.__init__(self, wrapper, wrapper.flattened_inputs)
+        self._zero_ops: Dict[str, Counter] = {c: Counter() for c in _CATEGORIES}
+        self._opaque_calls: Counter = Counter()
+        self.set_op_handle(**_EXTRA_HANDLES)
+        for op in DATA_MOVEMENT_OPS:
+            self.set_op_handle(op, self._zero_handle("data movement", op))
+        for op in ELEMENTWISE_OPS:
+            self.set_op_handle(op, self._zero_handle("elementwise", op))
+        self.set_op_handle("prim::CallFunction", self._scripted_call)
+
+    def _zero_handle(self, category: str, op: str) -> Callable:
+        def handle(inputs, outputs) -> int:
+            self._zero_ops[category][op] += 1
+            return 0
+
+        return handle
+
+    def _scripted_call(self, inputs, outputs) -> int:
+        name = str(inputs[0].type()).replace("__torch__.", "")
+        if name.endswith(_ZERO_SCRIPTED):
+            self._zero_ops["elementwise"][f"prim::CallFunction[{name}]"] += 1
+        else:
+            self._opaque_calls[f"prim::CallFunction[{name}]"] += 1
+        return 0
+
+    def _analyze(self):
+        if self._stats is None:
+            for c in self._zero_ops.values():
+                c.clear()
+            self._opaque_calls.clear()
+        return super()._analyze()
+
+    def zero_flop_ops(self) -> Dict[str, Counter]:
+        """{"data movement": Counter(op -> occurrences), "elementwise": ...}: ops counted 0."""
+        self._analyze()
+        return {c: Counter(v) for c, v in self._zero_ops.items()}
+
+    def unsupported_ops(self, module_name: str = "") -> Counter:
+        """fvcore's unsupported ops of ``module_name``; for the whole model also the scripted
+        calls whose content the trace cannot see."""
+        self._analyze()
+        ops = Counter(super().unsupported_ops(module_name))
+        if module_name in ("", "model"):
+            ops.update(self._opaque_calls)
+        return ops
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+GranularitySpec = Union[int, Callable[[str, Tuple[int, int]], torch.Tensor]]
+
+
+@contextlib.contextmanager
+def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Iterator[None]:
+    """While active, every DGE block of ``model`` is called with a fixed ``granularity_map``
+    (its router does not run), by a forward pre-hook that fills the ``granularity_map``
+    argument of ``DynamicGrainedEncoder.forward(x, hw, granularity_map)``. Nested, the
+    innermost wins.
+
+    Args:
+        granularity: an int φ for every region (1: each block runs exactly its vanilla block:
+            the static model), or ``fn(block_name, (Hr, Wr)) -> [Hr, Wr] or [B, Hr, Wr]``
+            long map of values in the block's Φ.
+    Raises:
+        ValueError: an int ``granularity`` not in the Φ of every DGE block.
+    """
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)]
+    if isinstance(granularity, int):
+        bad = [(n, m.granularities) for n, m in named if granularity not in m.granularities]
+        if bad:
+            raise ValueError(
+                f"granularity {granularity} is not in Φ of DGE block {bad[0][0]!r}; allowed: {bad[0][1]}"
+            )
+
+    def make_hook(name: str):
+        def hook(module: DynamicGrainedEncoder, args, kwargs):
+            kwargs = dict(kwargs)
+            names = ("x", "hw", "granularity_map")
+            kwargs.update({k: a for k, a in zip(names, args)})
+            x, hw = kwargs["x"], kwargs["hw"]
+            regions = module.layout(hw, x.device).regions_hw
+            if isinstance(granularity, int):
+                gmap = torch.full((x.shape[0],) + regions, granularity, dtype=torch.long, device=x.device)
+            else:
+                gmap = torch.as_tensor(granularity(name, regions), device=x.device).long()
+                gmap = gmap.expand((x.shape[0],) + regions) if gmap.dim() == 2 else gmap
+            kwargs["granularity_map"] = gmap
+            return (), kwargs
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in named]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------- per image
+
+
+@dataclass
+class LayerFlops:
+    """One DGE block on one image (multiply-adds): counted by fvcore and analytic (Eq. 7's
+    ``RoutingInfo``), dynamic (as routed, router included) and static (vanilla block)."""
+
+    name: str
+    stage: str  # as dge.layers.dge_stages groups the blocks
+    counted: float
+    counted_static: float
+    analytic: float
+    analytic_static: float
+
+    @property
+    def beta(self) -> float:
+        return self.counted / self.counted_static
+
+    @property
+    def beta_analytic(self) -> float:
+        return self.analytic / self.analytic_static
+
+
+@dataclass
+class ImageFlops:
+    """FLOPs of one image (multiply-adds).
+
+    Attributes:
+        name: the image (file name, image id, or index).
+        input_shape: shape of the image tensor ([C, H, W]) or of the first input.
+        total / static_total: the model as routed / with every DGE block at φ = 1 (vanilla).
+        by_module: group -> (dynamic, static); see ``module_groups``.
+        by_operator / static_by_operator: fvcore's Counter op -> FLOPs.
+        layers: the DGE blocks, in forward order (empty for a model without DGE).
+        beta_analytic: β of ``dge.layers.complexity_report`` (None without DGE blocks).
+        zero_flop_ops: category -> Counter(op -> occurrences) of ops counted 0.
+        unsupported_ops: ops without a handle, counted 0: never silently.
+    """
+
+    name: str
+    input_shape: Tuple[int, ...]
+    total: float
+    static_total: float
+    by_module: "OrderedDict[str, Tuple[float, float]]"
+    layers: List[LayerFlops]
+    beta_analytic: Optional[float]
+    by_operator: Counter = field(default_factory=Counter)
+    static_by_operator: Counter = field(default_factory=Counter)
+    zero_flop_ops: Dict[str, Counter] = field(default_factory=dict)
+    unsupported_ops: Counter = field(default_factory=Counter)
+
+    @property
+    def ratio(self) -> float:
+        """Dynamic / static FLOPs of the whole model."""
+        return self.total / self.static_total
+
+    @property
+    def beta(self) -> Optional[float]:
+        """β counted by fvcore: Σ dynamic / Σ static over the DGE blocks (Eq. 7)."""
+        if not self.layers:
+            return None
+        return sum(l.counted for l in self.layers) / sum(l.counted_static for l in self.layers)
+
+    def stage_betas(self) -> "OrderedDict[str, Tuple[float, float]]":
+        """stage -> (counted β, analytic β) over that stage's DGE blocks."""
+        sums: "OrderedDict[str, List[float]]" = OrderedDict()
+        for l in self.layers:
+            s = sums.setdefault(l.stage, [0.0, 0.0, 0.0, 0.0])
+            s[0] += l.counted
+            s[1] += l.counted_static
+            s[2] += l.analytic
+            s[3] += l.analytic_static
+        return OrderedDict((k, (v[0] / v[1], v[2] / v[3])) for k, v in sums.items())
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "gflops": self.total / 1e9,
+            "static_gflops": self.static_total / 1e9,
+            "ratio": self.ratio,
+            "beta": self.beta,
+            "beta_analytic": self.beta_analytic,
+            "by_module_gflops": {k: {"dynamic": d / 1e9, "static": s / 1e9} for k, (d, s) in self.by_module.items()},
+            "by_operator_gflops": {k: v / 1e9 for k, v in self.by_operator.items()},
+            "static_by_operator_gflops": {k: v / 1e9 for k, v in self.static_by_operator.items()},
+            "stages": {k: {"beta": b, "beta_analytic": a} for k, (b, a) in self.stage_betas().items()},
+            "layers": [
+                {
+                    "name": l.name,
+                    "stage": l.stage,
+                    "gflops": l.counted / 1e9,
+                    "static_gflops": l.counted_static / 1e9,
+                    "analytic_gflops": l.analytic / 1e9,
+                    "analytic_static_gflops": l.analytic_static / 1e9,
+                    "beta": l.beta,
+                    "beta_analytic": l.beta_analytic,
+                }
+                for l in self.layers
+            ],
+            "zero_flop_ops": {k: dict(v) for k, v in self.zero_flop_ops.items()},
+            "unsupported_ops": dict(self.unsupported_ops),
+        }
+
+
+def module_groups(model: nn.Module) -> List[Tuple[str, str, Optional[str]]]:
+    """(label, module, excluded child) of the report's breakdown: each direct child of the
+    model; a child with a ``bottom_up`` network (detectron2's FPN) is split into
+    ``<child>.bottom_up`` and ``<child>.fpn`` (the child minus its bottom-up network)."""
+    groups = []
+    for name, child in model.named_children():
+        if isinstance(getattr(child, "bottom_up", None), nn.Module):
+            groups.append((f"{name}.bottom_up", f"{name}.bottom_up", None))
+            groups.append((f"{name}.fpn", name, f"{name}.bottom_up"))
+        else:
+            groups.append((name, name, None))
+    return groups
+
+
+def _group_totals(analysis: FlopCountAnalysis, model: nn.Module) -> "OrderedDict[str, float]":
+    """label -> FLOPs of ``module_groups``, plus "other" for ops outside every child (e.g.
+    detectron2's pre- and post-processing) when there are any."""
+    by_module = analysis.by_module()
+    t = FlopCountAnalysis.traced_name
+    out = OrderedDict()
+    for label, module, excluded in module_groups(model):
+        value = by_module.get(t(module), 0)
+        if excluded is not None:
+            value -= by_module.get(t(excluded), 0)
+        out[label] = float(value)
+    rest = analysis.total() - sum(by_module.get(t(name), 0) for name, _ in model.named_children())
+    if out and rest:
+        out["other (outside submodules)"] = float(rest)
+    return out
+
+
+def _describe(inputs: Any, index: int = 0) -> Tuple[str, Tuple[int, ...]]:
+    """(name, shape) of one image's inputs: file name / image id of a detectron2 dict."""
+    first = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+    if isinstance(first, dict):
+        name = first.get("file_name") or first.get("image_id")
+        name = os.path.basename(str(name)) if name is not None else f"image {index}"
+        return name, tuple(first["image"].shape)
+    return f"input {index}", tuple(first.shape) if isinstance(first, torch.Tensor) else ()
+
+
+def _trace(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
+    """A finished analysis (unsupported ops go to the report, not to warnings)."""
+    analysis = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    analysis.total()
+    return analysis
+
+
+def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> ImageFlops:
+    """FLOPs of ``model`` on one image: dynamic (as routed) and static (every DGE block at
+    φ = 1: the vanilla model), one trace each (one in all for a model without DGE blocks).
+
+    Args:
+        inputs: one image: ``[{"image": [C, H, W], ...}]`` for a detectron2 model, or the
+            model's arguments (a tensor with batch 1, or a tuple such as ``(x, hw, map)``).
+        name: the image's name in the report (default: its file name / image id).
+    Raises:
+        ValueError: more than one image in ``inputs``, or a DGE block whose Φ lacks 1.
+    """
+    if isinstance(inputs, list) and len(inputs) != 1 and inputs and isinstance(inputs[0], dict):
+        raise ValueError(f"per-image FLOPs trace one image at a time; got a batch of {len(inputs)}")
+    label, shape = _describe(inputs)
+    has_dge = any(isinstance(m, DynamicGrainedEncoder) for m in model.modules())
+    was_training = model.training
+    model.eval()
+    try:
+        dynamic = _trace(model, inputs)
+        report = complexity_report(model) if has_dge else None  # before the static trace
+        if report is not None and report.beta.numel() != 1:
+            raise ValueError(f"per-image FLOPs trace one image at a time; got a batch of {report.beta.numel()}")
+        if has_dge:
+            with force_granularity(model, 1):
+                vanilla = _trace(model, inputs)
+        else:
+            vanilla = dynamic
+    finally:
+        model.train(was_training)
+
+    t = FlopCountAnalysis.traced_name
+    layers = []
+    if report is not None:
+        stages = {name: stage for stage, items in dge_stages(model).items() for _, name, _ in items}
+        for i, block_name in enumerate(report.names):
+            layers.append(
+                LayerFlops(
+                    name=block_name,
+                    stage=stages[block_name],
+                    counted=float(dynamic.total(t(block_name))),
+                    counted_static=float(vanilla.total(t(block_name))),
+                    analytic=float(report.dynamic_flops[i, 0]),
+                    analytic_static=float(report.static_flops[i]),
+                )
+            )
+    dyn_groups, static_groups = _group_totals(dynamic, model), _group_totals(vanilla, model)
+    by_module = OrderedDict((k, (v, static_groups.get(k, 0.0))) for k, v in dyn_groups.items())
+    for k, v in static_groups.items():
+        by_module.setdefault(k, (0.0, v))
+    unsupported = dynamic.unsupported_ops() | vanilla.unsupported_ops()
+    return ImageFlops(
+        name=name or label,
+        input_shape=shape,
+        total=float(dynamic.total()),
+        static_total=float(vanilla.total()),
+        by_module=by_module,
+        layers=layers,
+        beta_analytic=float(report.beta[0]) if report is not None else None,
+        by_operator=Counter(dynamic.by_operator()),
+        static_by_operator=Counter(vanilla.by_operator()),
+        zero_flop_ops=dynamic.zero_flop_ops(),
+        unsupported_ops=unsupported,
+    )
+
+
+def analyze_images(model: nn.Module, images: Iterable[Any], names: Optional[Sequence[str]] = None) -> List[ImageFlops]:
+    """``analyze_image`` for each element of ``images`` (e.g. a detectron2 test loader with
+    batch 1); ``names`` default to file names, image ids or indices."""
+    results = []
+    for i, inputs in enumerate(images):
+        label = names[i] if names is not None else _describe(inputs, i)[0]
+        results.append(analyze_image(model, inputs, name=label))
+    return results
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def _stats(values: Sequence[float]) -> Dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def flops_summary(images: Sequence[ImageFlops]) -> Dict[str, Any]:
+    """Statistics over images (GFLOPs; β and ratios as fractions): mean, std, min and max of
+    the total, static total, ratio and β, and per stage / per DGE block (the paper's Fig. 5c)."""
+    if not images:
+        raise ValueError("no images to summarise")
+    first = images[0]
+    summary: Dict[str, Any] = {
+        "num_images": len(images),
+        "gflops": _stats([im.total / 1e9 for im in images]),
+        "static_gflops": _stats([im.static_total / 1e9 for im in images]),
+        "ratio": _stats([im.ratio for im in images]),
+        "by_module_gflops": {
+            k: {
+                "dynamic": _stats([im.by_module.get(k, (0.0, 0.0))[0] / 1e9 for im in images]),
+                "static": _stats([im.by_module.get(k, (0.0, 0.0))[1] / 1e9 for im in images]),
+            }
+            for k in dict.fromkeys(k for im in images for k in im.by_module)
+        },
+    }
+    ops = sorted(set().union(*(im.by_operator.keys() | im.static_by_operator.keys() for im in images)))
+    summary["by_operator_gflops"] = {
+        op: {
+            "dynamic": _stats([im.by_operator.get(op, 0) / 1e9 for im in images]),
+            "static": _stats([im.static_by_operator.get(op, 0) / 1e9 for im in images]),
+        }
+        for op in ops
+    }
+    if first.layers:
+        summary["beta"] = _stats([im.beta for im in images])
+        summary["beta_analytic"] = _stats([im.beta_analytic for im in images])
+        stages = first.stage_betas().keys()
+        summary["stages"] = {
+            s: {
+                "beta": _stats([im.stage_betas()[s][0] for im in images]),
+                "beta_analytic": _stats([im.stage_betas()[s][1] for im in images]),
+            }
+            for s in stages
+        }
+        summary["layers"] = [
+            {
+                "name": l.name,
+                "stage": l.stage,
+                "gflops": _stats([im.layers[i].counted / 1e9 for im in images]),
+                "analytic_gflops": _stats([im.layers[i].analytic / 1e9 for im in images]),
+                "static_gflops": _stats([im.layers[i].counted_static / 1e9 for im in images]),
+                "analytic_static_gflops": _stats([im.layers[i].analytic_static / 1e9 for im in images]),
+                "beta": _stats([im.layers[i].beta for im in images]),
+                "beta_analytic": _stats([im.layers[i].beta_analytic for im in images]),
+            }
+            for i, l in enumerate(first.layers)
+        ]
+    zero: Dict[str, Counter] = {c: Counter() for c in _CATEGORIES}
+    unsupported: Counter = Counter()
+    for im in images:
+        for c, ops in im.zero_flop_ops.items():
+            zero[c].update(ops)
+        unsupported.update(im.unsupported_ops)
+    summary["zero_flop_ops"] = {c: dict(v) for c, v in zero.items()}
+    summary["unsupported_ops"] = dict(unsupported)
+    return summary
+
+
+def _fmt(s: Dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    return (
+        f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
+        f"(min {s['min'] * scale:.{digits}f}, max {s['max'] * scale:.{digits}f})"
+    )
+
+
+def _unit(flops: float) -> Tuple[float, str]:
+    """(factor from GFLOPs, unit) that shows ``flops`` with a few digits before the point."""
+    for factor, unit in ((1.0, "G"), (1e3, "M"), (1e6, "K")):
+        if flops * factor >= 1e9:
+            return factor, unit
+    return 1e9, ""
+
+
+def format_flops_report(images: Sequence[ImageFlops], per_layer: bool = True) -> str:
+    """The text report: one line per image, the statistics over images, the breakdown by
+    module and operator, β per stage and per DGE block (fvcore beside the analytic Eq. 7
+    count), and every op counted 0 or not counted."""
+    summary = flops_summary(images)
+    has_dge = bool(images[0].layers)
+    k, unit = _unit(min(im.static_total for im in images))
+    lines = [f"Per-image FLOPs ({unit}FLOPs; one fused multiply-add = 1 flop):"]
+    head = f"  {'image':<28} {'input':>16} {'dynamic':>10} {'static':>10} {'ratio':>7}"
+    lines.append(head + (f" {'β fvcore':>9} {'β Eq.7':>8}" if has_dge else ""))
+    for im in images:
+        shape = "×".join(str(s) for s in im.input_shape)
+        row = f"  {im.name:<28} {shape:>16} {im.total / 1e9 * k:>10.2f} {im.static_total / 1e9 * k:>10.2f}"
+        row += f" {im.ratio:>7.3f}"
+        if has_dge:
+            row += f" {im.beta:>9.3f} {im.beta_analytic:>8.3f}"
+        lines.append(row)
+    n = summary["num_images"]
+    lines.append(f"Over {n} image(s):")
+    lines.append(f"  {unit}FLOPs (dynamic): {_fmt(summary['gflops'], k)}")
+    lines.append(f"  {unit}FLOPs (static, vanilla model): {_fmt(summary['static_gflops'], k)}")
+    lines.append(f"  dynamic / static: {_fmt(summary['ratio'], digits=3)}")
+    if has_dge:
+        lines.append(f"  β (DGE blocks, fvcore): {_fmt(summary['beta'], digits=3)}")
+        lines.append(f"  β (DGE blocks, analytic Eq. 7): {_fmt(summary['beta_analytic'], digits=3)}")
+    else:
+        lines.append("  the model has no DGE blocks: static FLOPs only (dynamic = static)")
+    for title, key in (("module", "by_module_gflops"), ("operator", "by_operator_gflops")):
+        lines.append(f"By {title} (mean {unit}FLOPs, dynamic / static):")
+        for name, v in summary[key].items():
+            lines.append(f"  {name:<36} {v['dynamic']['mean'] * k:>10.2f} / {v['static']['mean'] * k:.2f}")
+    if has_dge:
+        lines.append("Complexity ratio per stage (mean ± std over images; fvcore | analytic Eq. 7):")
+        for name, v in summary["stages"].items():
+            lines.append(f"  {name or '(model)':<36} {_fmt(v['beta'], digits=3)} | {v['beta_analytic']['mean']:.3f}")
+        if per_layer:
+            lines.append(
+                f"Per DGE block (mean over images): {unit}FLOPs fvcore vs analytic, dynamic and static; β"
+            )
+            lines.append(
+                f"  {'block':<44} {'fvcore':>8} {'Eq.7':>8} {'static':>8} {'Eq.7 st':>8} "
+                f"{'β fvcore':>15} {'β Eq.7':>7}"
+            )
+            for l in summary["layers"]:
+                lines.append(
+                    f"  {l['name'] or '(model)':<44} {l['gflops']['mean'] * k:>8.3f} "
+                    f"{l['analytic_gflops']['mean'] * k:>8.3f} "
+                    f"{l['static_gflops']['mean'] * k:>8.3f} {l['analytic_static_gflops']['mean'] * k:>8.3f} "
+                    f"{l['beta']['mean']:>7.3f} ± {l['beta']['std']:.3f} {l['beta_analytic']['mean']:>7.3f}"
+                )
+    titles = {
+        "data movement": "Data movement (gather / scatter / pooling / indexing), 0 FLOPs:",
+        "elementwise": "0 FLOPs by the fvcore/detectron2 convention (elementwise, reductions, NMS, ...):",
+    }
+    for c in _CATEGORIES:
+        ops = summary["zero_flop_ops"][c]
+        if ops:
+            lines.append(titles[c])
+            lines.append("  " + ", ".join(f"{k} ×{v}" for k, v in sorted(ops.items())))
+    if summary["unsupported_ops"]:
+        lines.append("UNSUPPORTED ops (no FLOP handle: NOT counted, the totals miss them):")
+        lines.append("  " + ", ".join(f"{k} ×{v}" for k, v in sorted(summary["unsupported_ops"].items())))
+    else:
+        lines.append("Unsupported ops: none (every op executed is counted or listed above).")
+    return "\n".join(lines)

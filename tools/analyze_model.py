@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""FLOPs, parameters, activations and structure of a dge model: detectron2's
+tools/analyze_model.py, with FLOPs per image that follow each image's DGE routing.
+
+``--tasks flop`` traces every image on its own (``dge.analysis.analyze_images``): the model
+as routed (dynamic) and the same model with every DGE block at granularity 1 (static: the
+vanilla model). It prints the GFLOPs of each image, their mean ± std, min and max, the
+breakdown by module and operator, the complexity ratio β per stage and per DGE block (the
+paper's Fig. 5c) counted by fvcore beside the analytic count of Eq. 7, and every op counted
+0 or not counted at all; ``--output DIR`` also writes the per-block β as a PNG plot and
+``--json PATH`` everything as JSON.
+
+Inputs are the first N images of cfg.DATASETS.TEST[0] after the test-time resize (e.g.
+``DATASETS.TEST '("dge_synthetic_val",)'``, the built-in synthetic set), or, with
+``--input-size H W``, N synthetic H×W images (smooth random colour fields, one smoothness
+scale per image, so that a trained router sees different content). Without MODEL.WEIGHTS
+the model is randomly initialised: FLOPs of the vanilla parts do not depend on weights, the
+routing is that of an untrained router (its initial bias picks the finest granularity;
+MODEL.DGE.INIT_FINE_PROB 0.34 makes an untrained router route by content).
+
+What a Mask R-CNN count includes is detectron2's inference: the box head runs on the RPN's
+post-NMS proposals (MODEL.RPN.POST_NMS_TOPK_TEST, 1000), the mask head on the detections
+(at most TEST.DETECTIONS_PER_IMAGE = 100 scoring above MODEL.ROI_HEADS.SCORE_THRESH_TEST),
+0.53 GFLOPs per mask RoI. A randomly initialised model has no detection above 0.05, hence
+no mask RoI; SCORE_THRESH_TEST 0 gives 100. Vanilla models so counted on one synthetic
+image (random init) against the paper: Mask R-CNN PVT-S 800×1280 251.7G (Table 2: 251G)
+and DPVT-S 186.5G (186G), with 1000 box RoIs and no mask RoI (100 mask RoIs add 53.0G);
+Semantic FPN PVT-S 512×2048 226.4G (Table 3: 226G).
+
+Examples:
+  python tools/analyze_model.py --tasks flop --config-file configs/mask_rcnn_pvt_s_1x.yaml \\
+      --input-size 800 1280 --num-inputs 1
+  python tools/analyze_model.py --tasks flop parameter --config-file configs/mask_rcnn_pvt_s_dge_1x.yaml \\
+      --num-inputs 20 --json flops.json --output out/ DATASETS.TEST '("dge_synthetic_val",)' MODEL.WEIGHTS model.pth
+"""
+import itertools
+import json
+import logging
+import os
+from typing import Any, Dict, Iterator, List
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+from fvcore.nn import ActivationCountAnalysis, parameter_count_table
+from fvcore.nn.jit_handles import generic_activation_jit
+from torch.nn import functional as F
+
+import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
+from dge.analysis import ImageFlops, analyze_images, flops_summary, format_flops_report
+from dge.analysis.flops import detectron2_analysis
+from dge.config import add_dge_config, merge_config
+
+logger = logging.getLogger("detectron2")
+
+RANDOM_INIT = "random initialisation, seed 0 (MODEL.WEIGHTS is empty)"
+PLOT_NAME = "complexity_ratio_per_block.png"
+
+
+def setup(args):
+    cfg = merge_config(add_dge_config(get_cfg()), args.config_file, args.opts)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    if not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    setup_logger(name="fvcore")
+    setup_logger(name="dge")
+    setup_logger()
+    return cfg
+
+
+def build(cfg):
+    """(model in eval mode, what its weights are)."""
+    torch.manual_seed(0)  # a randomly initialised router routes the same way every run
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        weights = cfg.MODEL.WEIGHTS
+    else:
+        weights = RANDOM_INIT
+    logger.info(f"Model weights: {weights}")
+    return model.eval(), weights
+
+
+def synthetic_images(size, num: int, device) -> Iterator[List[Dict[str, Any]]]:
+    """``num`` batches of one H×W image: uniform random colours on a grid of cells of side
+    1, 4, 16, 64, ... pixels (cycling), upsampled bilinearly to H×W; seeded by index."""
+    h, w = size
+    for i in range(num):
+        cell = 4 ** (i % 4)
+        g = torch.Generator().manual_seed(i)
+        low = torch.rand(1, 3, max(h // cell, 1), max(w // cell, 1), generator=g)
+        image = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255.0
+        yield [{"image": image.to(device), "height": h, "width": w, "file_name": f"synthetic_{i}_cell{cell}"}]
+
+
+def model_inputs(cfg, args) -> Iterator[List[Dict[str, Any]]]:
+    if args.input_size:
+        return synthetic_images(args.input_size, args.num_inputs, cfg.MODEL.DEVICE)
+    dataset = cfg.DATASETS.TEST[0]
+    logger.info(f"Inputs: the first {args.num_inputs} images of {dataset} (test-time resize)")
+    return itertools.islice(build_detection_test_loader(cfg, dataset), args.num_inputs)
+
+
+def plot_block_betas(images: List[ImageFlops], path: str) -> None:
+    """Box plot of β per DGE block over the images (fvcore), the analytic Eq. 7 mean as a
+    marker, one colour per stage (the paper's Fig. 5c)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = images[0].layers
+    stages = list(dict.fromkeys(l.stage for l in layers))
+    betas = [[im.layers[i].beta for im in images] for i in range(len(layers))]
+    analytic = [np.mean([im.layers[i].beta_analytic for im in images]) for i in range(len(layers))]
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2.0), 4.0))
+    box = ax.boxplot(betas, positions=range(len(layers)), widths=0.6, patch_artist=True)
+    for i, patch in enumerate(box["boxes"]):
+        patch.set_facecolor(colours(stages.index(layers[i].stage) % 10))
+        patch.set_alpha(0.6)
+    ax.plot(range(len(layers)), analytic, "k_", markersize=12, label="analytic (Eq. 7), mean")
+    labels = [f"s{stages.index(l.stage) + 1}.{l.name.rsplit('.', 1)[-1]}" for l in layers]
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=8)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("DGE block (stage.block)")
+    ax.set_ylabel("complexity ratio β")
+    ax.set_title(f"Complexity ratio per block over {len(images)} image(s) (fvcore)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def do_flop(cfg, args) -> Dict[str, Any]:
+    """Per-image FLOPs; returns what ``--json`` writes, plus the printed ``report``."""
+    model, weights = build(cfg)
+    images = analyze_images(model, model_inputs(cfg, args))
+    if not images:
+        raise ValueError(f"no input images: --num-inputs is {args.num_inputs} or {cfg.DATASETS.TEST[0]} is empty")
+    report = f"FLOPs of {args.config_file}, weights: {weights}\n" + format_flops_report(images)
+    logger.info(report)
+    result = {
+        "config_file": args.config_file,
+        "weights": weights,
+        "inputs": f"synthetic {args.input_size[0]}x{args.input_size[1]}" if args.input_size else cfg.DATASETS.TEST[0],
+        "summary": flops_summary(images),
+        "images": [im.to_dict() for im in images],
+    }
+    if args.output and images[0].layers:
+        os.makedirs(args.output, exist_ok=True)
+        path = os.path.join(args.output, PLOT_NAME)
+        plot_block_betas(images, path)
+        logger.info(f"Complexity ratio per block plotted to {path}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        logger.info(f"Wrote {args.json}")
+    return dict(result, report=report)
+
+
+def do_activation(cfg, args) -> Dict[str, Any]:
+    """fvcore's activation count per image (outputs of conv / linear / matmul and fused
+    attention); detectron2's ``activation_count_operators`` cannot trace outputs with
+    non-tensor fields such as the DGE statistics of DGERCNN."""
+    model, _ = build(cfg)
+    totals = []
+    for data in model_inputs(cfg, args):
+        adapter = detectron2_analysis.TracingAdapter(model, data, allow_non_tensor=True)
+        count = ActivationCountAnalysis(adapter, adapter.flattened_inputs)
+        count.set_op_handle("aten::scaled_dot_product_attention", generic_activation_jit())
+        totals.append(count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e6)
+    n = len(totals)
+    logger.info(f"Total (million) activations over {n} image(s): {np.mean(totals):.1f} ± {np.std(totals):.1f}")
+    return {"activations_million": totals}
+
+
+def do_parameter(cfg, args) -> None:
+    model, _ = build(cfg)
+    logger.info("Parameter count:\n" + parameter_count_table(model, max_depth=5))
+
+
+def do_structure(cfg, args) -> None:
+    model, _ = build(cfg)
+    logger.info("Model structure:\n" + str(model))
+
+
+TASKS = {"flop": do_flop, "activation": do_activation, "parameter": do_parameter, "structure": do_structure}
+
+
+def get_parser():
+    parser = default_argument_parser(epilog=__doc__.split("Examples:", 1)[1])
+    parser.add_argument("--tasks", choices=list(TASKS), required=True, nargs="+")
+    parser.add_argument(
+        "-n", "--num-inputs", default=100, type=int,
+        help="number of images for FLOPs / activations (both depend on the image)",
+    )
+    parser.add_argument(
+        "--input-size", nargs=2, type=int, metavar=("H", "W"),
+        help="synthetic H×W input images instead of cfg.DATASETS.TEST[0]",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the FLOP results as JSON")
+    parser.add_argument("--output", metavar="DIR", help=f"directory for the plot ({PLOT_NAME})")
+    return parser
+
+
+def main(args) -> Dict[str, Any]:
+    if args.eval_only or args.num_gpus != 1:
+        raise ValueError("analyze_model.py runs on one device; drop --eval-only / --num-gpus")
+    cfg = setup(args)
+    return {task: TASKS[task](cfg, args) for task in args.tasks}
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
