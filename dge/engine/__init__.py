@@ -1,4 +1,4 @@
 """Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints."""
-from .checkpoint import AtomicCheckpointer
+from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator
 from .optimizer import build_optimizer, no_weight_decay_params

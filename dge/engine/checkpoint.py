@@ -4,7 +4,18 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicCheckpointer"]
+__all__ = ["AtomicCheckpointer", "atomic_save"]
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path + ".tmp"``, flushed to disk, then renamed over ``path``: a crash
+    leaves the previous file whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -21,10 +32,5 @@ class AtomicCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        tmp = save_file + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, save_file)
+        atomic_save(data, save_file)
         self.tag_last_checkpoint(basename)

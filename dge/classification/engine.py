@@ -1,0 +1,169 @@
+"""One training epoch with the budget loss (Eq. 8), and evaluation: top-1 / top-5, GFLOPs per
+image and the complexity ratio β (Eq. 7), over all processes."""
+import time
+from collections import defaultdict
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from timm.data import Mixup
+from torch import nn
+from torch.nn import functional as F
+
+from ..analysis import FlopCountAnalysis
+from ..layers import DynamicGrainedEncoder, budget_loss, complexity_report
+from ..modeling.meta_arch import routing_stats
+from .distributed import all_reduce_sums
+
+__all__ = ["unwrap", "outside_dge_flops", "train_one_epoch", "evaluate"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def outside_dge_flops(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[float, float]:
+    """(multiply-adds outside the DGE blocks, multiply-adds of the vanilla model) for one image
+    of ``input_size`` (C, H, W).
+
+    One fvcore trace (``dge.analysis.FlopCountAnalysis``, which counts fused attention and
+    deformable sampling) gives the model's total; the part outside the DGE blocks (patch
+    embeddings, position-embedding resampling, final norm, head) is that total minus the
+    blocks' counts, and does not depend on the image. Adding an image's analytic DGE-block
+    count (``RoutingInfo.dynamic_flops``, router included) gives its dynamic total; adding the
+    blocks' analytic static counts gives the vanilla model (fvcore counts the vanilla block's
+    shared norm once where the analytic count has it twice: < 0.2% of a block). For a model
+    without DGE both numbers are its fvcore total."""
+    blocks = [n for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        image = torch.zeros((1,) + tuple(input_size), device=device)
+        analysis = FlopCountAnalysis(model, image).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        outside = analysis.total() - sum(analysis.total(FlopCountAnalysis.traced_name(n)) for n in blocks)
+        static = outside + (complexity_report(model).static_flops.sum().item() if blocks else 0.0)
+    finally:
+        model.train(was_training)
+    return float(outside), float(static)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    criterion: nn.Module,
+    *,
+    epoch: int,
+    step: int,
+    device: torch.device,
+    mixup: Optional[Mixup] = None,
+    budget: float = 0.5,
+    budget_weight: float = 1.0,
+    clip_grad: Optional[float] = None,
+    print_freq: int = 50,
+    log: Callable[[str], None] = print,
+    on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> Tuple[int, Dict[str, float]]:
+    """Trains one pass over ``loader``; ``step`` counts optimizer updates since the start of training.
+
+    Loss = task loss + λ(β − γ)² (Eq. 8, ``budget`` γ, ``budget_weight`` λ) for a model with
+    DGE blocks. ``on_step(step, scalars)`` is called after each update (TensorBoard).
+    Returns (step after the epoch, image-weighted means over all processes of loss, loss_cls,
+    loss_budget, β, β per stage, φ shares; plus lr, the last one)."""
+    model.train()
+    core = unwrap(model)
+    sums: Dict[str, float] = defaultdict(float)
+    num_steps = len(loader)
+    start = time.perf_counter()
+    for i, (images, targets) in enumerate(loader):
+        scheduler.step_update(step)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        logits = model(images)
+        loss_cls = criterion(logits, targets)
+        loss = loss_cls
+        stats = routing_stats(core)  # None without DGE blocks
+        scalars = {"loss_cls": loss_cls.item()}
+        if stats is not None:
+            loss_budget = budget_loss(stats["beta"], budget, budget_weight)  # Eq. 8
+            loss = loss + loss_budget
+            scalars["loss_budget"] = loss_budget.item()
+            scalars.update({k: v.detach().mean().item() for k, v in stats.items()})
+        scalars["loss"] = loss.item()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {scalars['loss']} at epoch {epoch}, step {step} ({scalars}); lower --lr or set "
+                "--clip-grad, then --resume from the last checkpoint"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        step += 1
+        n = images.shape[0]
+        for k, v in scalars.items():
+            sums[k] += v * n
+        sums["images"] += n
+        lr = optimizer.param_groups[0]["lr"]
+        if on_step is not None:
+            on_step(step, dict(scalars, lr=lr))
+        if (i + 1) % print_freq == 0 or i + 1 == num_steps:
+            rate = sums["images"] / (time.perf_counter() - start)
+            beta = f"  β {scalars['beta']:.3f}" if "beta" in scalars else ""
+            log(
+                f"epoch {epoch} [{i + 1}/{num_steps}]  loss {scalars['loss']:.4f}  cls {scalars['loss_cls']:.4f}"
+                f"{beta}  lr {lr:.3g}  {rate:.1f} img/s per process"
+            )
+    totals = all_reduce_sums(sums, device)
+    images = totals.pop("images")
+    return step, dict({k: v / images for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"])
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    outside_flops: float,
+    static_flops: float,
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%; top-5 is top-min(5, classes)), cross-entropy, GFLOPs per image
+    (``outside_flops`` + the image's DGE-block count; ``static_gflops`` is the vanilla model),
+    and for DGE models the means of β, β per stage, β per DGE block (``beta_layer1``... in
+    forward order: Fig. 5c) and the share of regions at each φ; exact over the images of all
+    processes."""
+    model.eval()
+    core = unwrap(model)
+    sums: Dict[str, float] = defaultdict(float)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        logits = model(images)
+        n = images.shape[0]
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == targets[:, None]
+        sums["acc1"] += hits[:, 0].sum().item() * 100.0
+        sums["acc5"] += hits.any(dim=1).sum().item() * 100.0
+        sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
+        sums["gflops"] += outside_flops * n / 1e9
+        stats = routing_stats(core)  # None without DGE blocks
+        if stats is not None:
+            report = complexity_report(core)
+            sums["gflops"] += report.dynamic_flops.sum().item() / 1e9
+            for key, v in stats.items():
+                sums[key] += v.sum().item()
+            for i, layer in enumerate(report.layer_beta.sum(dim=1).tolist()):
+                sums[f"beta_layer{i + 1}"] += layer
+        sums["images"] += n
+    totals = all_reduce_sums(sums, device)
+    images = totals.pop("images")
+    results = {k: v / images for k, v in totals.items()}
+    results["static_gflops"] = static_flops / 1e9
+    results["images"] = images
+    return results

@@ -1,0 +1,286 @@
+"""The classification run: data, model and recipe from the arguments, the epoch loop with
+evaluation, atomic checkpoints (``checkpoint.pth`` every epoch, ``best.pth`` at the best top-1),
+``log.jsonl`` and TensorBoard events; ``--resume`` continues exactly where a run stopped."""
+import argparse
+import importlib
+import json
+import os
+import random
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import resolve_data_config
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from .build import REFERENCE_BATCH, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .data import build_dataset, build_loader, build_transforms
+from .distributed import DistEnv, init_distributed
+from .engine import evaluate, outside_dge_flops, train_one_epoch, unwrap
+
+__all__ = ["MODEL_ARGS", "RunLog", "format_results", "load_weights", "run"]
+
+# Arguments that define the network: a checkpoint only fits a run with the same values.
+MODEL_ARGS = ("model", "no_dge", "granularities", "region_size", "routing", "dense_train", "input_size")
+
+
+def _dge_options(args: argparse.Namespace) -> Optional[Dict]:
+    if not args.model.endswith("_dge") or args.no_dge:
+        return None
+    return dict(
+        granularities=tuple(args.granularities),
+        region_size=args.region_size,
+        routing=args.routing,
+        dense_train=args.dense_train,
+    )
+
+
+def _resume_path(args: argparse.Namespace) -> Optional[str]:
+    """The checkpoint to continue from: --resume PATH, or DIR/checkpoint.pth for a bare --resume
+    (None when that does not exist yet: a fresh start)."""
+    if args.resume is None:
+        return None
+    if args.resume:
+        return args.resume
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    return path if os.path.isfile(path) else None
+
+
+def _check_same_model(checkpoint: Dict, args: argparse.Namespace, path: str) -> None:
+    saved = checkpoint.get("args", {})
+    diffs = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {getattr(args, k)!r})"
+        for k in MODEL_ARGS
+        if k in saved and saved[k] != getattr(args, k)
+    ]
+    if diffs:
+        raise ValueError(f"checkpoint {path!r} holds another network: it was trained with " + "; ".join(diffs))
+
+
+def load_weights(model: nn.Module, path: str) -> List[str]:
+    """Loads ``path`` (this tool's checkpoint, or an official PVT v1 / vtpack / timm DeiT one,
+    converted by the model family's ``checkpoint_filter_fn``) into ``model``; returns the model
+    keys the file did not provide."""
+    state = load_checkpoint(path)
+    convert = importlib.import_module(type(model).__module__).checkpoint_filter_fn
+    missing, _ = model.load_state_dict(convert(state, model), strict=False)
+    return missing
+
+
+def format_results(results: Dict[str, float]) -> str:
+    """One line: top-1, top-5, loss, GFLOPs per image, β (total, per stage) and φ shares."""
+    line = (
+        f"top-1 {results['acc1']:.2f}  top-5 {results['acc5']:.2f}  loss {results['loss']:.4f}  "
+        f"GFLOPs/image {results['gflops']:.3f} (vanilla {results['static_gflops']:.3f})"
+    )
+    if "beta" in results:
+        stages = " ".join(f"{v:.3f}" for k, v in results.items() if k.startswith("beta_stage"))
+        shares = " ".join(
+            f"φ={k[len('share_phi'):]}: {v:.2f}" for k, v in results.items() if k.startswith("share_phi")
+        )
+        line += f"  β {results['beta']:.3f} (per stage {stages})  regions {shares}"
+    return line + f"  [{int(results['images'])} images]"
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _gather_rng(env: DistEnv) -> List[Dict]:
+    """Every process's random state, in rank order."""
+    state = rng_state()
+    if env.world_size == 1:
+        return [state]
+    states: List[Optional[Dict]] = [None] * env.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+class RunLog:
+    """What the main process writes besides checkpoints: ``log.jsonl`` (one row per epoch:
+    ``train_*`` means, ``val_*`` results) and TensorBoard events (``train/*`` per step,
+    ``val/*`` per epoch) in ``output_dir``. Other processes write nothing."""
+
+    def __init__(self, output_dir: str, is_main: bool):
+        self.path = os.path.join(output_dir, "log.jsonl")
+        self.writer = SummaryWriter(output_dir) if is_main else None
+
+    def train_step(self, step: int, scalars: Dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def epoch(self, row: Dict[str, float], train: Dict[str, float], val: Dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        row = dict(row, **{f"train_{k}": v for k, v in train.items()})
+        row.update({f"val_{k}": v for k, v in val.items() if k != "epoch"})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in val.items():
+            if k not in ("epoch", "images"):
+                self.writer.add_scalar(f"val/{k}", v, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _datasets(args: argparse.Namespace, checkpoint: Optional[Dict], resume: Optional[str]):
+    """(classes, train set or None for --eval-only, val set), without transforms yet."""
+    if args.eval_only:
+        val_set = build_dataset(args.data_path, "val", None, checkpoint["classes"] if checkpoint is not None else ())
+        return val_set.classes, None, val_set
+    train_set = build_dataset(args.data_path, "train", None)
+    classes = train_set.classes
+    if checkpoint is not None and checkpoint["classes"] != classes:
+        raise ValueError(
+            f"checkpoint {resume!r} was trained on {len(checkpoint['classes'])} other classes than the "
+            f"{len(classes)} class folders of {args.data_path!r}"
+        )
+    return classes, train_set, build_dataset(args.data_path, "val", None, classes)
+
+
+def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> Dict[str, float]:
+    say = log if env.is_main else (lambda msg: None)
+    _seed_everything(args.seed + env.rank)
+    if args.batch_size % env.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {env.world_size} processes")
+    batch = args.batch_size // env.world_size
+    mixup_on = not args.eval_only and (args.mixup > 0 or args.cutmix > 0)
+    if mixup_on and batch % 2:
+        raise ValueError(f"mixup / cutmix need an even batch per process; got {batch} (--batch-size {args.batch_size})")
+
+    resume = _resume_path(args)
+    checkpoint = load_checkpoint(resume) if resume else None
+    if checkpoint is not None:
+        _check_same_model(checkpoint, args, resume)
+    elif args.resume == "":
+        if args.eval_only and not args.weights:
+            raise FileNotFoundError(f"--eval-only --resume: there is no checkpoint.pth in {args.output_dir!r}")
+        say(f"--resume: no checkpoint in {args.output_dir!r} yet; starting from scratch")
+    classes, train_set, val_set = _datasets(args, checkpoint, resume)
+    if len(val_set) < env.world_size:
+        raise ValueError(f"val/ has {len(val_set)} images, fewer than the {env.world_size} processes")
+
+    model = build_model(args.model, len(classes), args.input_size, args.drop_path, _dge_options(args))
+    if args.weights:
+        missing = load_weights(model, args.weights)
+        if args.eval_only and missing:
+            raise ValueError(
+                f"--weights {args.weights!r} lacks {len(missing)} tensors of the model, e.g. {missing[:3]}"
+            )
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    model.to(env.device)
+    data_config = resolve_data_config({"input_size": (3, args.input_size, args.input_size)}, model=model)
+    train_tf, val_tf = build_transforms(data_config, args.aa, args.reprob)
+    val_set.transform = val_tf
+    val_loader = build_loader(val_set, batch, False, args.workers, env.rank, env.world_size, args.seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    say(f"{args.model}{' without DGE' if args.no_dge else ''}: {num_params / 1e6:.2f}M parameters, "
+        f"{len(classes)} classes, {env.world_size} process(es) on {env.device}")
+    flops = outside_dge_flops(model, data_config["input_size"])
+
+    if args.eval_only:
+        results = evaluate(model, val_loader, env.device, *flops)
+        results["epoch"] = checkpoint["epoch"] if checkpoint is not None else None
+        say("val: " + format_results(results))
+        return results
+
+    train_set.transform = train_tf
+    train_loader = build_loader(train_set, batch, True, args.workers, env.rank, env.world_size, args.seed)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"train/ has {len(train_set)} images, fewer than one batch of {args.batch_size} "
+            f"({batch} per process); lower --batch-size"
+        )
+    lr = args.lr * args.batch_size / REFERENCE_BATCH
+    optimizer = build_optimizer(model, lr, args.weight_decay)
+    scheduler = build_scheduler(
+        optimizer, args.epochs, steps_per_epoch, args.warmup_epochs, args.warmup_lr, args.min_lr
+    )
+    mixup = build_mixup(args.mixup, args.cutmix, args.smoothing, len(classes)) if mixup_on else None
+    criterion = build_criterion(mixup, args.smoothing)
+    start_epoch, step, best_acc1 = 0, 0, 0.0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        start_epoch, step, best_acc1 = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_acc1"]
+        say(f"resumed {resume!r}: epoch {start_epoch}, step {step}, best top-1 {best_acc1:.2f}")
+    if env.world_size > 1:
+        unused = 0 in (args.granularities or ())  # φ = 0 everywhere leaves a block unused
+        device_ids = [env.local_rank] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+    if env.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    say(f"lr {lr:.3g} ({args.lr:g} × {args.batch_size}/{REFERENCE_BATCH}), {steps_per_epoch} steps per epoch, "
+        f"epochs {start_epoch}..{args.epochs - 1}")
+
+    if checkpoint is not None:
+        states = checkpoint["rng"]
+        if len(states) == env.world_size:
+            set_rng_state(states[env.rank])
+        else:
+            say(f"the checkpoint comes from {len(states)} processes, this run has {env.world_size}: "
+                "the data order and augmentations will differ from an uninterrupted run")
+    run_log = RunLog(args.output_dir, env.is_main)
+    results: Dict[str, float] = {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            start = time.perf_counter()
+            train_loader.sampler.set_epoch(epoch)
+            step, train_stats = train_one_epoch(
+                model, train_loader, optimizer, scheduler, criterion, epoch=epoch, step=step, device=env.device,
+                mixup=mixup, budget=args.budget, budget_weight=args.budget_weight, clip_grad=args.clip_grad,
+                print_freq=args.print_freq, log=say, on_step=run_log.train_step,
+            )
+            results = evaluate(model, val_loader, env.device, *flops)
+            results["epoch"] = epoch
+            improved = results["acc1"] >= best_acc1
+            best_acc1 = max(best_acc1, results["acc1"])
+            rngs = _gather_rng(env)  # collective: every process takes part
+            if env.is_main:
+                state = dict(
+                    model=unwrap(model).state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    epoch=epoch,
+                    step=step,
+                    best_acc1=best_acc1,
+                    args=vars(args),
+                    classes=classes,
+                    rng=rngs,
+                )
+                atomic_save(state, os.path.join(args.output_dir, "checkpoint.pth"))
+                if improved:
+                    atomic_save(state, os.path.join(args.output_dir, "best.pth"))
+            row = dict(epoch=epoch, step=step, time_s=time.perf_counter() - start, best_acc1=best_acc1)
+            run_log.epoch(row, train_stats, results)
+            say(f"epoch {epoch} val: " + format_results(results) + f"  (best top-1 {best_acc1:.2f})")
+    finally:
+        run_log.close()
+    if not results:
+        say(f"training already finished at epoch {args.epochs - 1}; evaluating")
+        results = evaluate(model, val_loader, env.device, *flops)
+        results["epoch"] = start_epoch - 1
+        say("val: " + format_results(results))
+    return results
+
+
+def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
+    """Trains (or with ``args.eval_only`` evaluates) as the arguments say; returns the last
+    evaluation's results (``engine.evaluate``) with its "epoch"."""
+    env = init_distributed(args.device)
+    try:
+        return _run(args, env, log or print)
+    finally:
+        env.close()
