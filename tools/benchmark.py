@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Latency of a DGE model against its vanilla twin: same weights (but the routers), same
+inputs, one process, interleaved runs.
+
+    .venv/bin/python tools/benchmark.py --config-file configs/mask_rcnn_pvt_s_dge_1x.yaml \
+        --sizes 800x1280 --batch 1 --target-beta 0.5 --what backbone model train --json out.json
+
+For each input size and batch: warm-up, then ``--runs`` interleaved runs of vanilla and DGE;
+the median, min and max (ms), the ratio of medians, the β measured on those inputs, threads
+and device. ``backbone``: the bottom-up backbone at inference; ``model``: the whole
+detectron2 model (``MODEL.META_ARCHITECTURE``) at inference; ``train``: one training step of
+the backbone (forward, a scalar loss + the budget loss, backward, AdamW step).
+
+Untrained routers give every region the same choice. Unless ``MODEL.WEIGHTS`` holds trained
+routers, the tool re-initialises each router's weights (std 1/√C) so that regions differ,
+then calibrates one offset of the finest choice's logit, shared by all routers, until β on
+the inputs reaches ``--target-beta`` (bisection); it says so in the output. Inputs are the
+real photographs scikit-image ships, resized to each size.
+"""
+import argparse
+import copy
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import dge  # noqa: E402,F401
+from dge.config import load_config  # noqa: E402
+from dge.data import DEFAULT_PHOTOS, iter_images  # noqa: E402
+from dge.layers import budget_loss, complexity_report, dge_modules  # noqa: E402
+
+
+def photos(batch: int, hw, device) -> torch.Tensor:
+    """[batch, 3, H, W] float RGB in 0..255 from scikit-image's photographs."""
+    import cv2
+
+    images = [img for _, img in iter_images(DEFAULT_PHOTOS)]
+    out = [cv2.resize(images[i % len(images)], (hw[1], hw[0]))[:, :, ::-1] for i in range(batch)]
+    return torch.as_tensor(np.stack(out).transpose(0, 3, 1, 2).copy(), dtype=torch.float32, device=device)
+
+
+def normalise(model, images: torch.Tensor) -> torch.Tensor:
+    return (images - model.pixel_mean.view(1, -1, 1, 1)) / model.pixel_std.view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def calibrate(model, run, target: float, steps: int = 14):
+    """Bisection on one offset added to every router's finest-choice logit; returns
+    (offset, measured β), leaving that offset applied."""
+    lo, hi, applied = -30.0, 30.0, 0.0
+    beta = None
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        set_logit_offset(model, mid - applied)
+        applied = mid
+        run()
+        beta = complexity_report(model).beta.mean().item()
+        lo, hi = (lo, mid) if beta > target else (mid, hi)
+    return applied, beta
+
+
+def timed_interleaved(cases: dict, runs: int, warmup: int, sync) -> dict:
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples = {k: [] for k in cases}
+    for _ in range(runs):
+        for k, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> float:
+    """Peak resident memory (MB) of a fresh process that builds ``variant`` alone and runs
+    ``what`` once (RSS peaks are per process, and forking after OpenMP can deadlock)."""
+    cmd = [sys.executable, __file__, *argv, "--memory-case", what, variant]
+    if offset is not None:
+        cmd += ["--logit-offset", str(offset)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def build_models(cfg, variants=("vanilla", "dge")):
+    """{variant: model}: the DGE model (MODEL.WEIGHTS if given) and its vanilla twin with the
+    same weights but the routers. Untrained routers get weights of std 1/√C (seeded) so that
+    regions differ."""
+    torch.manual_seed(0)
+    dge_model = build_model(cfg).eval()
+    trained = bool(cfg.MODEL.WEIGHTS)
+    if trained:
+        DetectionCheckpointer(dge_model).load(cfg.MODEL.WEIGHTS)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in dge_modules(dge_model):
+                c = m.router.gate.in_features
+                m.router.gate.weight.copy_(torch.randn(m.router.gate.weight.shape, generator=gen) / math.sqrt(c))
+    models = {"dge": dge_model}
+    if "vanilla" in variants:
+        vanilla_cfg = cfg.clone()
+        vanilla_cfg.MODEL.DGE.ENABLED = False
+        models["vanilla"] = build_model(vanilla_cfg).eval()
+        models["vanilla"].load_state_dict(vanilla_state_dict(dge_model))  # same weights but the routers
+    return models, trained
+
+
+def set_logit_offset(model, offset: float) -> None:
+    """Adds ``offset`` to every router's finest-choice bias (from its current value)."""
+    with torch.no_grad():
+        for m in dge_modules(model):
+            fine = m.granularities.index(min(g for g in m.granularities if g > 0))
+            m.router.gate.bias[fine] += offset
+
+
+def case_functions(what, models, x, inputs, budget):
+    if what == "train":
+        budgets = {"vanilla": None, "dge": budget}
+        return {k: train_step(m.backbone.bottom_up, x, budgets[k]) for k, m in models.items()}
+    if what == "backbone":
+        return {k: (lambda m=m: m.backbone.bottom_up(x)) for k, m in models.items()}
+    return {k: (lambda m=m: m(inputs)) for k, m in models.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="configs/mask_rcnn_pvt_s_dge_1x.yaml")
+    parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
+    parser.add_argument("--target-beta", type=float, default=0.5)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory per case")
+    parser.add_argument("--json", help="write the results here")
+    # Internal: one case in a fresh process, for --memory on the CPU.
+    parser.add_argument("--memory-case", nargs=2, metavar=("WHAT", "VARIANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--logit-offset", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config_file, args.opts)
+    cfg.MODEL.DGE.ENABLED = True
+    device = torch.device(cfg.MODEL.DEVICE)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.memory_case:
+        return memory_case(args, cfg, device)
+    models, trained = build_models(cfg)
+    dge_model = models["dge"]
+    results = {
+        "config": args.config_file,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "routers": "trained (MODEL.WEIGHTS)" if trained else "untrained: weights re-initialised, finest-logit offset calibrated to the target β",
+        "cases": [],
+    }
+    applied = 0.0  # logit offset currently added to the routers
+    for size in args.sizes:
+        hw = tuple(int(v) for v in size.lower().split("x"))
+        for batch in args.batch:
+            images = photos(batch, hw, device)
+            x = normalise(dge_model, images)
+            inputs = [{"image": img, "height": hw[0], "width": hw[1]} for img in images]
+            offset = None
+            with torch.inference_mode():
+                if not trained:
+                    set_logit_offset(dge_model, -applied)  # each input calibrates from the start
+                    offset, _ = calibrate(dge_model, lambda: dge_model.backbone.bottom_up(x), args.target_beta)
+                    applied = offset
+                dge_model.backbone.bottom_up(x)
+                beta = complexity_report(dge_model).beta.mean().item()
+            case = {"size": list(hw), "batch": batch, "beta": round(beta, 4)}
+            if offset is not None:
+                case["calibrated_logit_offset"] = round(offset, 3)
+            for what in args.what:
+                cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)
+                grad = torch.enable_grad if what == "train" else torch.inference_mode
+                with grad():
+                    samples = timed_interleaved(cases, args.runs, args.warmup, sync)
+                row = {
+                    k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "max_ms": round(max(v), 2)}
+                    for k, v in samples.items()
+                }
+                if args.memory:
+                    for k, fn in cases.items():
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                            with grad():
+                                fn()
+                            row[k]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                        else:
+                            one = ["--config-file", args.config_file, "--sizes", size, "--batch", str(batch), *args.opts]
+                            row[k]["peak_rss_mb"] = round(cpu_peak_memory_mb(one, what, k, offset), 1)
+                row["ratio"] = round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4)
+                case[what] = row
+                print(
+                    f"{what:8s} {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
+                    f"DGE {row['dge']['median_ms']:.1f} ms (β = {beta:.3f}) -> ratio {row['ratio']:.3f}",
+                    flush=True,
+                )
+            results["cases"].append(case)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def memory_case(args, cfg, device):
+    """Builds one variant, runs one case once and prints this process's peak RSS (MB)."""
+    what, variant = args.memory_case
+    models, _ = build_models(cfg, variants=("vanilla", "dge") if variant == "vanilla" else ("dge",))
+    if variant == "vanilla":
+        del models["dge"]
+    elif args.logit_offset is not None:
+        set_logit_offset(models["dge"], args.logit_offset)
+    hw = tuple(int(v) for v in args.sizes[0].lower().split("x"))
+    images = photos(args.batch[0], hw, device)
+    x = normalise(models[variant], images)
+    inputs = [{"image": img, "height": hw[0], "width": hw[1]} for img in images]
+    fn = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)[variant]
+    with torch.enable_grad() if what == "train" else torch.inference_mode():
+        fn()
+    print(peak_rss_mb())
+
+
+def vanilla_state_dict(model) -> dict:
+    """The state dict of ``model`` laid out as its vanilla twin's: the DGE wrappers' block
+    parameters without ``.block``, no routers."""
+    wrappers = [name for name, m in model.named_modules() if m in set(dge_modules(model))]
+    out = {}
+    for key, value in model.state_dict().items():
+        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
+        if owner is None:
+            out[key] = value
+        elif key.startswith(owner + ".block."):
+            out[owner + "." + key[len(owner) + len(".block."):]] = value
+    return out
+
+
+def train_step(backbone, x, budget):
+    """One training step of ``backbone`` on ``x``: mean of its outputs (+ the budget loss)."""
+    backbone = copy.deepcopy(backbone).train()
+    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-6)
+
+    def step():
+        outputs = backbone(x)
+        loss = sum(v.float().mean() for v in outputs.values())
+        if budget is not None:
+            loss = loss + budget_loss(complexity_report(backbone).beta, budget)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+if __name__ == "__main__":
+    main()
