@@ -7,7 +7,7 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dge_config(cfg: CN) -> CN:
-    """Add the MODEL.PVT, MODEL.DGE and SOLVER keys to ``cfg`` (in place) and return it."""
+    """Add the MODEL.PVT, MODEL.DGE, SOLVER and INPUT keys to ``cfg`` (in place) and return it."""
     # ---------------------------------------------------------------- backbones
     cfg.MODEL.PVT = CN()
     # Model size: "tiny", "small", "medium" or "large" (PVT v1 hyper-parameters).
@@ -52,6 +52,20 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.SOLVER.OPTIMIZER = "AdamW"
     # (β1, β2) of AdamW.
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # p of LR_SCHEDULER_NAME "WarmupPolyLR", BASE_LR·(1 − iter / MAX_ITER)^p (name as detectron2's DeepLab).
+    cfg.SOLVER.POLY_LR_POWER = 0.9
+
+    # ---------------------------------------------------------------- Semantic FPN
+    # Dropout2d before the classifier of SemanticFPNHead (mmsegmentation's FPNHead: 0.1).
+    cfg.MODEL.SEM_SEG_HEAD.DROPOUT = 0.1
+
+    # ------------------------------------------------ training input of sem-seg datasets (train_net.py)
+    # (r_min, r_max): fit images in (MAX_SIZE_TRAIN × MIN_SIZE_TRAIN[0])·r, r ~ U (mmseg); (): ResizeShortestEdge.
+    cfg.INPUT.RATIO_RANGE_TRAIN = ()
+    # Re-draw a crop (up to 10 times) while one class covers more than this share (DeepLab's name).
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # mmseg's PhotoMetricDistortion: random brightness, contrast, saturation and hue.
+    cfg.INPUT.PHOTOMETRIC_DISTORTION = False
     return cfg
 
 
