@@ -41,13 +41,7 @@ def data(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("imagefolder"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: one thread is fastest and keeps runs steady on shared machines.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def args_for(data, out, *extra):

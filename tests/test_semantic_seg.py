@@ -1,48 +1,33 @@
 """Semantic FPN with DGE (the paper's ADE20K track, Sec. 4.2.2, Tables 3-4): model size, the
 training recipe (augmentations, poly schedule), train / resume / mIoU evaluation through
 train_net.py on the synthetic set, and a clear failure for a missing ADE20K."""
-import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.engine import default_argument_parser
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.semantic_seg import build_sem_seg_head
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train_net  # noqa: E402
+import train_net
+from train_helpers import CONFIGS, read_metrics, train_args
 
-from dge.config import load_config  # noqa: E402
-from dge.data import register_synthetic_datasets  # noqa: E402
-from dge.data.augmentation import (  # noqa: E402
+from dge.config import load_config
+from dge.data.augmentation import (
     PhotometricDistortion,
     RandomScaledBoxResize,
     build_sem_seg_train_augmentation,
 )
 
-CONFIGS = os.path.join(ROOT, "configs")
 DEMO = os.path.join(CONFIGS, "semantic_fpn_pvt_dge_synthetic.yaml")
 # The demo (128×128 crops, 128×160 test images) with 2 images per batch, no warm-up, no workers.
 FAST = [
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
 ]
-SMALL_DATA = dict(num_train=8, num_val=4, image_size=(128, 160))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
-    register_synthetic_datasets(root=root, **SMALL_DATA)
-    yield root
-    register_synthetic_datasets()  # back to the default root
 
 
 def ade20k_cfg(name: str = "semantic_fpn_pvt_s_ade20k_80k.yaml", *opts):
@@ -54,13 +39,8 @@ def num_params(module: torch.nn.Module) -> int:
 
 
 def run_args(*extra, config=DEMO, eval_only=False, resume=False):
-    argv = ["--config-file", config] + (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
-    return default_argument_parser().parse_args(argv + FAST + list(extra))
+    return train_args(config, FAST, *extra, eval_only=eval_only, resume=resume)
 
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f]
 
 
 # ------------------------------------------------------------------ model (Table 3)

@@ -2,47 +2,27 @@
 the budget loss, and clear failures."""
 import json
 import os
-import sys
 
 import pytest
 import torch
-from detectron2.engine import default_argument_parser
+import train_net
+from conftest import SMALL_DATA
+from train_helpers import CONFIGS, read_metrics, train_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train_net  # noqa: E402
+from dge.data import register_synthetic_datasets
 
-from dge.data import register_synthetic_datasets  # noqa: E402
-
-DEMO = os.path.join(ROOT, "configs", "demo_pvt_dge_synthetic.yaml")
+DEMO = os.path.join(CONFIGS, "demo_pvt_dge_synthetic.yaml")
 # A small, fast variant of the demo: 128×160 inputs, 2 images per batch, no workers.
 FAST = [
     "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
     "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
     "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "()",
-    "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
+    "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "SEED", "0",
 ]
-SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
-    register_synthetic_datasets(root=root, **SMALL_DATA)
-    yield root
-    register_synthetic_datasets()  # back to the default root
 
 
 def run_args(*extra, eval_only=False, resume=False):
-    argv = ["--config-file", DEMO]
-    argv += ["--eval-only"] if eval_only else []
-    argv += ["--resume"] if resume else []
-    return default_argument_parser().parse_args(argv + FAST + list(extra))
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f]
+    return train_args(DEMO, FAST, *extra, eval_only=eval_only, resume=resume)
 
 
 def test_train_resume_and_evaluate(data_root, tmp_path):
@@ -109,15 +89,9 @@ def test_two_cpu_processes_with_gloo_keep_identical_weights(data_root, tmp_path)
 
 
 def test_paper_config_resolves_to_the_paper_settings():
-    args = default_argument_parser().parse_args(
-        ["--config-file", os.path.join(ROOT, "configs", "mask_rcnn_pvt_s_dge_1x.yaml")]
-    )
-    from detectron2.config import get_cfg
+    from dge.config import load_config
 
-    from dge import add_dge_config
-
-    cfg = add_dge_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
+    cfg = load_config(os.path.join(CONFIGS, "mask_rcnn_pvt_s_dge_1x.yaml"))
     assert cfg.MODEL.META_ARCHITECTURE == "DGERCNN"
     assert cfg.SOLVER.MAX_ITER == 90000 and tuple(cfg.SOLVER.STEPS) == (60000, 80000)
     assert cfg.SOLVER.IMS_PER_BATCH == 16 and cfg.SOLVER.BASE_LR == 1e-4

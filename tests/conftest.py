@@ -1,0 +1,33 @@
+"""Shared fixtures: the repo root on sys.path (train_net.py) and a small synthetic dataset."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Small enough for CPU training tests: 12 train / 4 val images of 128×160.
+SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory):
+    """Registers the dge_synthetic_* datasets at a small size under a session temp folder."""
+    from dge.data import register_synthetic_datasets
+
+    root = str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
+    register_synthetic_datasets(root=root, **SMALL_DATA)
+    yield root
+    register_synthetic_datasets()  # back to the default root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest and keeps runs steady on shared machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
