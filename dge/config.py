@@ -45,6 +45,8 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.MODEL.DGE.BUDGET = 0.5
     # λ, weight of the budget loss (Eq. 8).
     cfg.MODEL.DGE.BUDGET_WEIGHT = 1.0
+    # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
+    cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 
     # ---------------------------------------------------------------- solver
     # "AdamW" (the paper's detection / segmentation recipes) or "SGD"; norms, position

@@ -105,8 +105,8 @@ def test_paper_config_resolves_to_the_paper_settings():
 def test_budget_loss_moves_beta_toward_a_low_budget(data_root, tmp_path):
     out = str(tmp_path / "budget")
     cfg = train_net.setup(run_args(
-        "SOLVER.MAX_ITER", "25", "SOLVER.BASE_LR", "0.02", "SOLVER.CHECKPOINT_PERIOD", "1000",
-        "MODEL.DGE.BUDGET", "0.25", "MODEL.DGE.BUDGET_WEIGHT", "5.0", "OUTPUT_DIR", out,
+        "SOLVER.MAX_ITER", "25", "SOLVER.BASE_LR", "0.0001", "MODEL.DGE.ROUTER_LR_FACTOR", "200.0",
+        "SOLVER.CHECKPOINT_PERIOD", "1000", "MODEL.DGE.BUDGET", "0.25", "OUTPUT_DIR", out,
     ))
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -115,7 +115,7 @@ def test_budget_loss_moves_beta_toward_a_low_budget(data_root, tmp_path):
     assert len(betas) == 25
     assert betas[0] > 0.8  # the routers start by favouring φ = 1
     late = sum(betas[-5:]) / 5
-    assert late < 0.7 and betas[0] - late > 0.25, betas  # measured: 0.97 -> ~0.55 toward γ = 0.25
+    assert late < 0.45, betas  # measured: 0.97 -> 0.29 (mean of the last 5) toward γ = 0.25
 
 
 def test_bad_input_ends_with_a_clear_message(data_root, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Optimizer of the paper's recipes: AdamW without weight decay on norms, position
 embeddings, class tokens and router biases (everything else decays)."""
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -29,19 +29,25 @@ def no_weight_decay_params(model: nn.Module) -> set:
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """SOLVER.OPTIMIZER (AdamW or SGD) over two parameter groups, with detectron2's gradient
-    clipping (SOLVER.CLIP_GRADIENTS)."""
+    """SOLVER.OPTIMIZER (AdamW or SGD) over parameter groups with and without weight decay,
+    the routers' at BASE_LR × MODEL.DGE.ROUTER_LR_FACTOR, and detectron2's gradient clipping
+    (SOLVER.CLIP_GRADIENTS). detectron2's schedulers scale every group's lr alike."""
     kind = cfg.SOLVER.OPTIMIZER
     if kind not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}; got {kind!r}")
     skip = no_weight_decay_params(model)
-    groups: Dict[bool, List[nn.Parameter]] = {True: [], False: []}
+    router_lr = cfg.SOLVER.BASE_LR * cfg.MODEL.DGE.ROUTER_LR_FACTOR
+    groups: Dict[Tuple[bool, bool], List[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups[name not in skip].append(p)
+            groups.setdefault((name not in skip, ".router." in f".{name}"), []).append(p)
     params = [
-        {"params": groups[True], "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
-        {"params": groups[False], "weight_decay": 0.0},
+        {
+            "params": ps,
+            "weight_decay": cfg.SOLVER.WEIGHT_DECAY if decay else 0.0,
+            "lr": router_lr if router else cfg.SOLVER.BASE_LR,
+        }
+        for (decay, router), ps in sorted(groups.items())
     ]
     if kind == "AdamW":
         opt_cls = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)
