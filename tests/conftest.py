@@ -5,7 +5,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # train_net.py
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the tools' main()s
 
 # Small enough for CPU training tests: 12 train / 4 val images of 128×160.
 SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))

@@ -19,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import dge  # noqa: F401  (registration)
-from dge.data import DEFAULT_PHOTOS, iter_images
+from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
 from dge.config import load_config
 
 logger = logging.getLogger("dge.predict")
@@ -28,10 +28,7 @@ logger = logging.getLogger("dge.predict")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--input", nargs="*", default=[], help="image files, folders or skimage:NAME")
-    parser.add_argument("--dataset", help="a registered dataset to take images from")
-    parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--output", default="output/predictions")
+    add_image_arguments(parser, output="output/predictions")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 import dge  # noqa: F401
 from dge.config import load_config
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
-from dge.data import DEFAULT_PHOTOS, iter_images
+from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
 
 logger = logging.getLogger("dge.visualize_gates")
 
@@ -30,10 +30,7 @@ logger = logging.getLogger("dge.visualize_gates")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
-    parser.add_argument("--input", nargs="*", default=[], help="image files, folders or skimage:NAME")
-    parser.add_argument("--dataset", help="a registered dataset to take images from")
-    parser.add_argument("--max-images", type=int, default=None)
-    parser.add_argument("--output", default="output/gates")
+    add_image_arguments(parser, output="output/gates")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_logger(name="dge")

@@ -5,7 +5,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_PHOTOS", "iter_images"]
+__all__ = ["DEFAULT_PHOTOS", "add_image_arguments", "iter_images"]
 
 # Real photographs inside the scikit-image package (no download).
 DEFAULT_PHOTOS = ("skimage:chelsea", "skimage:astronaut", "skimage:coffee", "skimage:rocket")
@@ -57,3 +57,12 @@ def iter_images(
         else:
             yield os.path.splitext(os.path.basename(src))[0], _read_bgr(src)
         count += 1
+
+
+def add_image_arguments(parser, output: str) -> None:
+    """The image-input options of the tools: ``--input``, ``--dataset``, ``--max-images`` (read
+    them with ``iter_images``) and ``--output`` (default ``output``)."""
+    parser.add_argument("--input", nargs="*", default=[], help="image files, folders or skimage:NAME")
+    parser.add_argument("--dataset", help="a registered dataset to take images from")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--output", default=output)

@@ -1,0 +1,53 @@
+"""Gate maps and predictions of a DGE model: colours, files and numbers."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dge.analysis.gates import GRANULARITY_COLORS, colorize_gates, majority_map
+from train_helpers import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+DEMO = os.path.join(CONFIGS, "demo_pvt_dge_synthetic.yaml")
+SMALL = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "MODEL.DEVICE", "cpu"]
+
+
+def test_overlay_colour_counts_equal_the_routing_counts():
+    gmap = np.array([[1, 2, 4], [4, 4, 0]])
+    colors = colorize_gates(gmap, region_px=(16.0, 16.0), out_hw=(32, 48))
+    for g in (0, 1, 2, 4):
+        pixels = (colors == np.array(GRANULARITY_COLORS[g])).all(-1).sum()
+        assert pixels == (gmap == g).sum() * 16 * 16
+    # A map cut by the image border: the last regions cover fewer pixels, none is lost.
+    colors = colorize_gates(gmap, region_px=(16.0, 16.0), out_hw=(30, 40))
+    assert (colors == np.array(GRANULARITY_COLORS[0])).all(-1).sum() == 14 * 8
+
+
+def test_majority_map_takes_the_most_chosen_granularity_per_region():
+    maps = torch.tensor([[[1, 4]], [[2, 4]], [[2, 1]]])  # three blocks, 1×2 regions
+    assert majority_map(maps).tolist() == [[2, 4]]
+
+
+def test_visualize_gates_writes_a_figure_and_the_numbers_per_image(tmp_path):
+    from visualize_gates import main
+
+    out = tmp_path / "gates"
+    summary = main(["--config-file", DEMO, "--input", "skimage:chelsea", "skimage:coffee", "--output", str(out), *SMALL])
+    assert sorted(summary) == ["chelsea", "coffee"]
+    for name, row in summary.items():
+        assert os.path.getsize(out / f"{name}_gates.png") > 1000
+        assert 0.0 < row["beta"] <= 1.01
+        assert len(row["query_ratio_per_stage"]) == 4
+        assert abs(sum(row[f"share_phi{g}"] for g in (1, 2, 4)) - 1.0) < 1e-6
+    assert json.load(open(out / "gates.json")).keys() == summary.keys()
+
+
+def test_predict_writes_visualised_predictions(tmp_path):
+    from predict import main
+
+    out = tmp_path / "pred"
+    summary = main(["--config-file", DEMO, "--input", "skimage:rocket", "--output", str(out), *SMALL])
+    assert os.path.getsize(out / "rocket_pred.jpg") > 1000
+    assert summary["rocket"]["num_detections"] >= 0 and summary["rocket"]["beta"] > 0
