@@ -40,7 +40,7 @@ def has_compiled_ops() -> bool:
 
 def detectron2_description() -> str:
     ops = "compiled ops" if has_compiled_ops() else "no compiled ops"
-    return f"detectron2 {detectron2.__version__} ({ops})"
+    return f"{detectron2.__version__} ({ops})"
 
 
 def coco_evaluator(dataset_name: str, output_dir=None, **kwargs):

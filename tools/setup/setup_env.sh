@@ -71,4 +71,4 @@ echo "[setup] $step"
 step="checking the imports"
 imports_ok || { "$PY" -c "from detectron2.engine import DefaultPredictor; import dge"; false; }
 stamp_value > "$STAMP"
-echo "[setup] done: $("$PY" -m dge.collect_env --short)"
+echo "[setup] done: $("$PY" -W ignore::FutureWarning -m dge.collect_env --short 2>/dev/null)"
