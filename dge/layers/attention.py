@@ -26,7 +26,19 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x * scale + x.detach() * (1.0 - scale)
 
 
-class SpatialReductionAttention(nn.Module):
+class MultiHeadBase(nn.Module):
+    """dim C split into ``num_heads`` heads of ``head_dim`` channels."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"num_heads must divide dim {dim}; got {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+
+
+class SpatialReductionAttention(MultiHeadBase):
     """Multi-head attention with spatially reduced keys/values (PVT v1).
 
     Args:
@@ -47,12 +59,7 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: float = 0.0,
         norm_eps: float = 1e-5,
     ):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"num_heads must divide dim {dim}; got {num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads)
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
@@ -113,7 +120,7 @@ class SpatialReductionAttention(nn.Module):
         return fixed, per_query
 
 
-class DeformableAttention(nn.Module):
+class DeformableAttention(MultiHeadBase):
     """Single-scale deformable attention (DPVT), in pure PyTorch.
 
     Each query predicts, per head, ``num_points`` offsets (in tokens) from its centre and
@@ -132,12 +139,7 @@ class DeformableAttention(nn.Module):
         proj_drop: float = 0.0,
         offset_grad_scale: float = 0.1,
     ):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"num_heads must divide dim {dim}; got {num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads)
         self.num_points = num_points
         self.offset_grad_scale = offset_grad_scale
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
