@@ -148,6 +148,7 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     torch.manual_seed(7)
     b = dense(x, hw)
     assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
+    assert torch.equal(sparse.last_routing.num_queries, dense.last_routing.num_queries)
     assert (a - b).abs().max() < 1e-5
     calls = []
     handle = block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))

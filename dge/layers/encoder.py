@@ -190,16 +190,17 @@ class DynamicGrainedEncoder(nn.Module):
         # Straight-through factor per region (Eq. 6): 1 forward, gradient p_i backward.
         chosen_p = None if probs is None else probs.gather(-1, index[..., None]).view(b, -1)
 
-        if self.training and self.dense_train and probs is not None:
-            out, num_queries = self._forward_dense(x, spatial, pooled, layout, index, probs, hw)
-        else:
-            out, num_queries = self._forward_sparse(x, spatial, pooled, layout, region_g, chosen_p, hw)
-
         # ψ of Eq. 7: valid patches of the chosen granularity per region.
         per_region = torch.zeros_like(region_g, dtype=x.dtype)
         for g in self.granularities:
             if g > 0:
                 per_region = torch.where(region_g == g, layout.grids[g].region_num_patches.to(x.dtype), per_region)
+
+        if self.training and self.dense_train and probs is not None:
+            out = self._forward_dense(x, spatial, pooled, layout, index, probs, hw)
+            num_queries = per_region.sum(dim=1).long()
+        else:
+            out, num_queries = self._forward_sparse(x, spatial, pooled, layout, region_g, chosen_p, hw)
         query_count = num_queries.to(x.dtype)
         if chosen_p is not None:
             soft = (chosen_p * per_region).sum(dim=1)
@@ -265,6 +266,4 @@ class DynamicGrainedEncoder(nn.Module):
             extra_out = extra if extra_out is None else extra_out
             weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions).view(b, -1, 1)
             out = unpack_tokens(out, (y - queries) * weight, packing)
-        gmap = self._phi[index].view(b, -1)
-        num_queries = pack_queries(layout, gmap, self.granularities).num_queries
-        return (torch.cat([extra_out, out], dim=1) if e else out), num_queries
+        return torch.cat([extra_out, out], dim=1) if e else out
