@@ -9,6 +9,7 @@ from dge.layers import (
     DynamicGrainedEncoder,
     EncoderBlock,
     GrainedRouter,
+    Mlp,
     SpatialReductionAttention,
     budget_loss,
     complexity_report,
@@ -81,6 +82,26 @@ def test_all_fine_granularity_equals_vanilla_block(kind):
         out = dge(x, hw, mixed)
         assert (out[0] - vanilla[0]).abs().max() < 1e-5
         assert dge.last_routing.num_queries.tolist()[0] == hw[0] * hw[1]
+
+
+def test_inference_mlp_in_row_tiles_equals_the_plain_mlp(monkeypatch):
+    torch.manual_seed(0)
+    mlp = Mlp(C, 3 * C).eval()
+    mlp.chunk_elements = 5 * 3 * C  # tiles of 5 rows: 23 rows make 5 tiles, the last one partial
+    x = torch.randn(2, 23, C)
+    tiled_calls = []
+    original = Mlp._forward_chunked
+    monkeypatch.setattr(Mlp, "_forward_chunked", lambda self, *a: tiled_calls.append(a[1]) or original(self, *a))
+    with torch.inference_mode():
+        tiled = mlp(x)
+    plain = mlp(x)  # autograd on: one matrix product per layer
+    assert tiled_calls == [5]
+    assert tiled.shape == x.shape
+    assert (tiled - plain).abs().max() < 1e-6
+    mlp.train()
+    with torch.no_grad():  # dropout active in training: never tiled
+        mlp(x)
+    assert tiled_calls == [5]
 
 
 @pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])
