@@ -241,7 +241,8 @@ class DynamicGrainedEncoder(nn.Module):
             return x, packing.num_queries
         queries, centers = gather_queries(packing, pooled, layout)
         extra_out, y = self._run_block(x, queries, centers, hw, e)
-        delta = y - queries
+        # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
+        delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
         if chosen_p is not None:
             st = (1.0 + chosen_p - chosen_p.detach()).reshape(-1)  # Eq. 6
             delta = delta * st.index_select(0, packing.query_regions).view(b, -1, 1)

@@ -44,11 +44,12 @@ class PatchGrid:
     granularity: int
     grid_hw: Tuple[int, int]
     valid: torch.Tensor  # [Gh*Gw] bool: patches with >= 1 valid token
-    counts: torch.Tensor  # [Gh*Gw, 1] float: valid tokens per patch (>= 1 to divide safely)
     centers: torch.Tensor  # [Gh*Gw, 2] float: (y, x) mean of valid token centres
     patch_region: torch.Tensor  # [Gh*Gw] long: region of each patch
     token_patch: torch.Tensor  # [H*W] long: patch of each token
     region_num_patches: torch.Tensor  # [R] float: valid patches per region
+    pooled_index: torch.Tensor  # [Gh*Gw] long: row of a valid patch in PatchPooler[φ] (0 if invalid)
+    pooled_size: int  # rows of PatchPooler[φ] per image: ceil(H/φ)·ceil(W/φ)
 
 
 @dataclass
@@ -59,7 +60,6 @@ class StaticLayout:
     regions_hw: Tuple[int, int]  # (Hr, Wr) regions
     token_region: torch.Tensor  # [H*W] long
     token_centers: torch.Tensor  # [H*W, 2] float (y, x), see token_centers()
-    region_counts: torch.Tensor  # [Hr*Wr, 1] float: valid tokens per region
     grids: Dict[int, PatchGrid]  # nonzero φ -> its patches
 
     @property
@@ -93,7 +93,6 @@ def static_layout(
     ii = torch.arange(h, device=device)
     jj = torch.arange(w, device=device)
     token_region = ((ii[:, None] // rh) * wr + (jj[None, :] // rw)).reshape(-1)
-    region_counts = torch.bincount(token_region, minlength=hr * wr).to(torch.float32)[:, None]
 
     grids = {}
     for g in nonzero:
@@ -105,21 +104,25 @@ def static_layout(
         nx = (torch.clamp(w - px * g, min=0, max=g)).to(torch.float32)
         cy = py * g + ny / 2.0
         cx = px * g + nx / 2.0
-        counts = (ny[:, None] * nx[None, :]).reshape(-1, 1)
         centers = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).reshape(-1, 2)
         patch_region = ((py[:, None] * g // rh) * wr + (px[None, :] * g // rw)).reshape(-1)
-        valid = counts[:, 0] > 0
+        valid = (ny[:, None] * nx[None, :]).reshape(-1) > 0
         token_patch = ((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1)
         region_num_patches = torch.bincount(patch_region[valid], minlength=hr * wr).to(torch.float32)
+        # PatchPooler[g] holds the unpadded ceil(h/g)×ceil(w/g) grid: a valid patch (py, px)
+        # is its row py·ceil(w/g) + px.
+        pooled_w = -(-w // g)
+        pooled_index = torch.where(valid, (py[:, None] * pooled_w + px[None, :]).reshape(-1), 0)
         grids[g] = PatchGrid(
             granularity=g,
             grid_hw=(gh, gw),
             valid=valid,
-            counts=counts.clamp(min=1.0),
             centers=centers,
             patch_region=patch_region,
             token_patch=token_patch,
             region_num_patches=region_num_patches,
+            pooled_index=pooled_index,
+            pooled_size=-(-h // g) * pooled_w,
         )
     return StaticLayout(
         hw=(h, w),
@@ -128,51 +131,30 @@ def static_layout(
         regions_hw=(hr, wr),
         token_region=token_region,
         token_centers=token_centers(h, w, device),
-        region_counts=region_counts,
         grids=grids,
     )
-
-
-def _counts_for(layout: StaticLayout, size: int, device) -> torch.Tensor:
-    """[Gh*Gw, 1] valid tokens per size×size patch of the padded map."""
-    if size in layout.grids:
-        return layout.grids[size].counts
-    h, w = layout.hw
-    hp, wp = layout.padded_hw
-    ny = torch.clamp(h - torch.arange(hp // size, device=device) * size, 0, size)
-    nx = torch.clamp(w - torch.arange(wp // size, device=device) * size, 0, size)
-    return (ny[:, None] * nx[None, :]).reshape(-1, 1).to(torch.float32).clamp(min=1.0)
 
 
 class PatchPooler:
     """Patch means of ``x`` over valid tokens, computed on demand and cached per patch size.
 
-    ``pooler[s]`` is [B, Gh*Gw, C] for s×s patches of the padded map (s must divide it;
-    s = 1 is ``x`` itself, zero-padded to Hp×Wp when needed). Pooling runs as
-    ``avg_pool2d`` on a channels-last view of the tokens, one pass per size.
+    ``pooler[s]`` is [B, ceil(H/s)·ceil(W/s), C]: the means of the s×s patches of the
+    *unpadded* map (s = 1 is ``x`` itself). Pooling runs as ``avg_pool2d`` with
+    ``ceil_mode`` on a channels-last view of the tokens, one pass per size: a patch that
+    crosses the bottom/right border averages its valid tokens only (no padded copy).
     """
 
     def __init__(self, x: torch.Tensor, layout: StaticLayout):
         b, n, c = x.shape
         h, w = layout.hw
-        hp, wp = layout.padded_hw
-        self.layout = layout
-        self.padded = (hp, wp) != (h, w)
-        if self.padded:
-            base = x.new_zeros(b, hp, wp, c)
-            base[:, :h, :w] = x.view(b, h, w, c)
-        else:
-            base = x.view(b, h, w, c)
-        self._base = base
-        self._means: Dict[int, torch.Tensor] = {1: base.reshape(b, hp * wp, c)}
+        self._map = x.reshape(b, h, w, c)
+        self._means: Dict[int, torch.Tensor] = {1: x}
 
     def __getitem__(self, size: int) -> torch.Tensor:
         if size not in self._means:
-            b, _, _, c = self._base.shape
-            mean = F.avg_pool2d(self._base.permute(0, 3, 1, 2), size).permute(0, 2, 3, 1).reshape(b, -1, c)
-            if self.padded:  # zeros were averaged in: rescale to the valid tokens
-                mean = mean * (size * size / _counts_for(self.layout, size, mean.device)).to(mean.dtype)
-            self._means[size] = mean
+            b, _, _, c = self._map.shape
+            mean = F.avg_pool2d(self._map.permute(0, 3, 1, 2), size, ceil_mode=True)
+            self._means[size] = mean.permute(0, 2, 3, 1).reshape(b, -1, c)
         return self._means[size]
 
 
@@ -182,7 +164,8 @@ class QueryPacking:
 
     num_queries: torch.Tensor  # [B] long, spatial queries per image
     max_queries: int  # M: queries per image after padding
-    sources: List[Tuple[int, torch.Tensor, torch.Tensor]]  # (φ, flat source rows, flat dest rows)
+    # (φ, flat rows of PatchPooler[φ], patch indices in the padded grid, flat dest rows)
+    sources: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
     token_rows: torch.Tensor  # [B*H*W] long rows of the flat [B*M (+1), C] query tensor
     query_regions: torch.Tensor  # [B*M] long: b*R + region of each query row (0 for padding)
     has_skipped: bool  # some tokens have φ = 0 (their row is the extra zero row B*M)
@@ -221,7 +204,7 @@ def pack_queries(
         t = sel.shape[1]
         bi, pi = sel.nonzero(as_tuple=True)
         dest = bi * max_queries + pos[bi, offset + pi]
-        sources.append((g, bi * t + pi, dest))
+        sources.append((g, bi * grid.pooled_size + grid.pooled_index[pi], pi, dest))
         query_regions.index_copy_(0, dest, bi * layout.num_regions + grid.patch_region[pi])
         rows = (pos[:, offset:offset + t] + row_base).gather(1, grid.token_patch[None].expand(b, n))
         token_rows = torch.where(token_granularity == g, rows, token_rows)
@@ -237,9 +220,12 @@ def gather_queries(
     any_pool = pooled[1]
     b, _, c = any_pool.shape
     m = packing.max_queries
-    queries = any_pool.new_zeros(b * m, c)
-    q_centers = any_pool.new_zeros(b * m, 2)
-    for g, src, dest in packing.sources:
+    # Padding rows (images with fewer than M queries) must be zero; otherwise every row is
+    # written below and the buffer needs no zero fill.
+    full = b == 1 or bool((packing.num_queries == m).all())
+    queries = any_pool.new_empty(b * m, c) if full else any_pool.new_zeros(b * m, c)
+    q_centers = any_pool.new_empty(b * m, 2) if full else any_pool.new_zeros(b * m, 2)
+    for g, src, patches, dest in packing.sources:
         rows = pooled[g].reshape(-1, c)
         lo, hi = (dest[0].item(), dest[-1].item()) if dest.numel() else (0, -1)
         contiguous = hi - lo + 1 == dest.numel()
@@ -249,7 +235,7 @@ def gather_queries(
         else:
             queries.index_copy_(0, dest, rows.index_select(0, src))
         grid_centers = layout.grids[g].centers.to(any_pool.dtype)
-        q_centers.index_copy_(0, dest, grid_centers.index_select(0, src % grid_centers.shape[0]))
+        q_centers.index_copy_(0, dest, grid_centers.index_select(0, patches))
     return queries.view(b, m, c), q_centers.view(b, m, 2)
 
 
