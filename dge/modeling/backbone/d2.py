@@ -82,9 +82,9 @@ class PVTBackbone(Backbone):
         outputs = {}
         for name, stage in zip(STAGE_NAMES, self.stages):
             tokens, hw = stage(x)
-            x = tokens_to_map(tokens, hw)
+            x = tokens_to_map(tokens, hw)  # channels-last view: the next patch embedding reads it as is
             if name in self._out_features:
-                outputs[name] = x
+                outputs[name] = x.contiguous()
         return outputs
 
 
