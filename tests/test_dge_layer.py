@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dge.layers import attention as attention_module
 from dge.layers import (
     DeformableAttention,
     DynamicGrainedEncoder,
@@ -87,7 +88,7 @@ def test_all_fine_granularity_equals_vanilla_block(kind):
 def test_inference_mlp_in_row_tiles_equals_the_plain_mlp(monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(C, 3 * C).eval()
-    mlp.chunk_elements = 5 * 3 * C  # tiles of 5 rows: 23 rows make 5 tiles, the last one partial
+    monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 5 * 3 * C)  # 23 rows: 5 tiles, the last partial
     x = torch.randn(2, 23, C)
     tiled_calls = []
     original = Mlp._forward_chunked
@@ -102,6 +103,22 @@ def test_inference_mlp_in_row_tiles_equals_the_plain_mlp(monkeypatch):
     with torch.no_grad():  # dropout active in training: never tiled
         mlp(x)
     assert tiled_calls == [5]
+
+
+def test_inference_deformable_sampling_in_query_tiles_equals_one_pass(monkeypatch):
+    attn = make_block("deformable", seed=2).attn
+    hw = (7, 9)
+    x = torch.randn(2, hw[0] * hw[1], C)
+    centers = token_centers(*hw).expand(2, -1, -1)
+    heads, points = attn.num_heads, attn.num_points
+    # 10 queries per tile: 63 queries make 7 tiles, the last one partial.
+    monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 10 * 2 * heads * attn.head_dim * points)
+    with torch.inference_mode():
+        tiled = attn(x, x, hw, centers)
+    plain = attn(x, x, hw, centers)
+    assert (tiled - plain).abs().max() < 1e-5
+    monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 1 << 20)
+    assert attention_module.inference_tiles(attn, 63, 2 * heads * attn.head_dim * points) == 0
 
 
 @pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])

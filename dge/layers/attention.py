@@ -16,7 +16,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad"]
+__all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad", "inference_tiles"]
+
+
+TILE_ELEMENTS = 1 << 20  # values per inference tile (4 MB in float32): fits the caches
+
+
+def inference_tiles(module: nn.Module, rows: int, elements_per_row: int) -> int:
+    """Rows per tile when ``module`` should run ``rows`` rows in tiles of ``TILE_ELEMENTS``
+    intermediate values, else 0. Tiles are used only at inference (eval mode, no autograd,
+    not traced), and only when there are more than two: then the intermediate of a tile stays
+    in cache instead of making a round trip through memory, and no huge buffer is allocated
+    per call (glibc maps and zero-fills every allocation above 32 MB)."""
+    tile = max(1, TILE_ELEMENTS // max(1, elements_per_row))
+    if rows <= 2 * tile or module.training or torch.is_grad_enabled() or torch.jit.is_tracing():
+        return 0
+    return tile
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -182,12 +197,26 @@ class DeformableAttention(MultiHeadBase):
         loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
         scale = loc.new_tensor([2.0 / w, 2.0 / h])
         grid = (loc * scale - 1.0).permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
-        sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        # sampled: [B*heads, d, M, points]; weights -> [B*heads, 1, M, points]
         weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, m, points)
-        x = (sampled * weights).sum(dim=-1)  # [B*heads, d, M]
-        x = x.view(b, heads * d, m).transpose(1, 2)
+        x = self._sample(value, grid, weights).view(b, heads * d, m).transpose(1, 2)
         return self.proj_drop(self.proj(x))
+
+    def _sample(self, value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_p weights · bilinear(value, grid): value [B*heads, d, H, W], grid [B*heads, M, P, 2],
+        weights [B*heads, 1, M, P] -> [B*heads, d, M]. At inference in tiles of queries (the
+        [B*heads, d, M, P] samples of a PVT-S stage-1 map are 66 MB; a tile's are 4 MB)."""
+        bh, d, m, points = value.shape[0], value.shape[1], grid.shape[1], grid.shape[2]
+        tile = inference_tiles(self, m, bh * d * points)
+        if not tile:
+            sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            return (sampled * weights).sum(dim=-1)
+        out = value.new_empty(bh, d, m)
+        for start in range(0, m, tile):  # tiles of queries, not regions or images
+            part = F.grid_sample(
+                value, grid[:, start : start + tile], mode="bilinear", padding_mode="zeros", align_corners=False
+            )
+            torch.sum(part.mul_(weights[:, :, start : start + tile]), dim=-1, out=out[:, :, start : start + tile])
+        return out
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         c = self.dim
