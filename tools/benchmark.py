@@ -13,9 +13,13 @@ the backbone (forward, a scalar loss + the budget loss, backward, AdamW step).
 
 Untrained routers give every region the same choice. Unless ``MODEL.WEIGHTS`` holds trained
 routers, the tool re-initialises each router's weights (std 1/√C) so that regions differ,
-then calibrates one offset of the finest choice's logit, shared by all routers, until β on
-the inputs reaches ``--target-beta`` (bisection); it says so in the output. Inputs are the
-real photographs scikit-image ships, resized to each size.
+then calibrates an offset of the finest choice's logit until β on the inputs reaches
+``--target-beta`` (bisection); it says so in the output. ``--calibration shared`` (default):
+one offset for all routers, on the model's β: where the budget is spent (which stage) is
+left to the random routers. ``--calibration per-block``: one offset per router, each on its
+own block's β, so that every block runs at the target. Latency depends on that choice,
+because a FLOP costs more time in some stages than in others (e.g. DPVT's stage 1). Inputs
+are the real photographs scikit-image ships, resized to each size.
 """
 import argparse
 import copy
@@ -56,18 +60,26 @@ def normalise(model, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate(model, run, target: float, steps: int = 14):
-    """Bisection on one offset added to every router's finest-choice logit; returns
-    (offset, measured β), leaving that offset applied."""
-    lo, hi, applied = -30.0, 30.0, 0.0
+def calibrate(model, run, target: float, steps: int = 14, per_block: bool = False):
+    """Bisection on offsets added to the routers' finest-choice logits: one shared offset on
+    the model's β, or (``per_block``) one per router on its own block's β. Returns (offsets,
+    measured β of the last run), leaving the offsets applied."""
+    n = len(dge_modules(model)) if per_block else 1
+    lo, hi, applied = [-30.0] * n, [30.0] * n, [0.0] * n
     beta = None
     for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        set_logit_offset(model, mid - applied)
+        mid = [0.5 * (a + b) for a, b in zip(lo, hi)]
+        set_logit_offset(model, [m - a for m, a in zip(mid, applied)])
         applied = mid
         run()
-        beta = complexity_report(model).beta.mean().item()
-        lo, hi = (lo, mid) if beta > target else (mid, hi)
+        report = complexity_report(model)
+        beta = report.beta.mean().item()
+        betas = report.layer_beta.mean(dim=1).tolist() if per_block else [beta]
+        for i, value in enumerate(betas):
+            if value > target:
+                hi[i] = applied[i]
+            else:
+                lo[i] = applied[i]
     return applied, beta
 
 
@@ -95,7 +107,7 @@ def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> float:
     ``what`` once (RSS peaks are per process, and forking after OpenMP can deadlock)."""
     cmd = [sys.executable, __file__, *argv, "--memory-case", what, variant]
     if offset is not None:
-        cmd += ["--logit-offset", str(offset)]
+        cmd += ["--logit-offset", *map(str, offset)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -124,10 +136,13 @@ def build_models(cfg, variants=("vanilla", "dge")):
     return models, trained
 
 
-def set_logit_offset(model, offset: float) -> None:
-    """Adds ``offset`` to every router's finest-choice bias (from its current value)."""
+def set_logit_offset(model, offsets) -> None:
+    """Adds ``offsets`` (one for all routers, or one per router) to the routers'
+    finest-choice biases (from their current values)."""
+    modules = dge_modules(model)
+    offsets = list(offsets) * len(modules) if len(offsets) == 1 else list(offsets)
     with torch.no_grad():
-        for m in dge_modules(model):
+        for m, offset in zip(modules, offsets):
             fine = m.granularities.index(min(g for g in m.granularities if g > 0))
             m.router.gate.bias[fine] += offset
 
@@ -148,13 +163,17 @@ def main(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
     parser.add_argument("--target-beta", type=float, default=0.5)
+    parser.add_argument(
+        "--calibration", default="shared", choices=["shared", "per-block"],
+        help="untrained routers: one logit offset for all routers (on the model's β) or one per block",
+    )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per case")
     parser.add_argument("--json", help="write the results here")
     # Internal: one case in a fresh process, for --memory on the CPU.
     parser.add_argument("--memory-case", nargs=2, metavar=("WHAT", "VARIANT"), help=argparse.SUPPRESS)
-    parser.add_argument("--logit-offset", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--logit-offset", type=float, nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
 
@@ -170,10 +189,12 @@ def main(argv=None):
         "config": args.config_file,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
-        "routers": "trained (MODEL.WEIGHTS)" if trained else "untrained: weights re-initialised, finest-logit offset calibrated to the target β",
+        "routers": "trained (MODEL.WEIGHTS)"
+        if trained
+        else f"untrained: weights re-initialised, finest-logit offsets calibrated to the target β ({args.calibration})",
         "cases": [],
     }
-    applied = 0.0  # logit offset currently added to the routers
+    applied = [0.0]  # logit offsets currently added to the routers
     for size in args.sizes:
         hw = tuple(int(v) for v in size.lower().split("x"))
         for batch in args.batch:
@@ -183,14 +204,25 @@ def main(argv=None):
             offset = None
             with torch.inference_mode():
                 if not trained:
-                    set_logit_offset(dge_model, -applied)  # each input calibrates from the start
-                    offset, _ = calibrate(dge_model, lambda: dge_model.backbone.bottom_up(x), args.target_beta)
+                    set_logit_offset(dge_model, [-a for a in applied])  # each input calibrates from the start
+                    offset, _ = calibrate(
+                        dge_model,
+                        lambda: dge_model.backbone.bottom_up(x),
+                        args.target_beta,
+                        per_block=args.calibration == "per-block",
+                    )
                     applied = offset
                 dge_model.backbone.bottom_up(x)
-                beta = complexity_report(dge_model).beta.mean().item()
-            case = {"size": list(hw), "batch": batch, "beta": round(beta, 4)}
+                report = complexity_report(dge_model)
+                beta = report.beta.mean().item()
+            case = {
+                "size": list(hw),
+                "batch": batch,
+                "beta": round(beta, 4),
+                "beta_per_block": [round(b, 4) for b in report.layer_beta.mean(dim=1).tolist()],
+            }
             if offset is not None:
-                case["calibrated_logit_offset"] = round(offset, 3)
+                case["calibrated_logit_offsets"] = [round(o, 3) for o in offset]
             for what in args.what:
                 cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)
                 grad = torch.enable_grad if what == "train" else torch.inference_mode

@@ -1,0 +1,32 @@
+"""tools/benchmark.py: router calibration reaches the target β, and the report says what ran."""
+import json
+import os
+
+import pytest
+
+import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "demo_pvt_dge_synthetic.yaml")
+
+
+@pytest.mark.parametrize("calibration", ["shared", "per-block"])
+def test_calibration_reaches_the_target_beta_and_the_report_is_complete(calibration, tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    argv = ["--config-file", CONFIG, "--sizes", "256x320", "--runs", "1", "--warmup", "0"]
+    argv += ["--calibration", calibration, "--target-beta", "0.5", "--json", str(out)]
+    benchmark.main(argv)
+    result = json.loads(out.read_text())
+    assert calibration in result["routers"] and result["threads"] == 1
+    (case,) = result["cases"]
+    assert abs(case["beta"] - 0.5) < 0.03
+    per_block, offsets = case["beta_per_block"], case["calibrated_logit_offsets"]
+    if calibration == "per-block":
+        assert len(offsets) == len(per_block) == 8  # PVT-tiny: 2 blocks per stage
+        # Stage 1 (64×80 tokens, 320 regions) can be steered finely: each block lands at γ.
+        assert all(abs(b - 0.5) < 0.03 for b in per_block[:2])
+    else:
+        assert len(offsets) == 1
+    row = case["backbone"]
+    assert row["vanilla"]["median_ms"] > 0 and row["dge"]["median_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], abs=1e-3)
