@@ -211,8 +211,12 @@ def test_analyze_model_tool_reports_per_image_flops_of_a_mask_rcnn(tmp_path):
     assert saved["weights"] == tool.RANDOM_INIT and len(saved["images"]) == 2
     assert saved["summary"]["gflops"]["mean"] == pytest.approx(result["summary"]["gflops"]["mean"])
     image = saved["images"][0]
-    groups = ["backbone.bottom_up", "backbone.fpn", "proposal_generator", "roi_heads", "other (outside submodules)"]
-    assert list(image["by_module_gflops"]) == groups  # other: detectron2's mask pasting
+    groups = ["backbone.bottom_up", "backbone.fpn", "proposal_generator", "roi_heads"]
+    if "other (outside submodules)" in image["by_module_gflops"]:  # detectron2 v0.6 traces mask pasting
+        groups.append("other (outside submodules)")
+    else:  # current detectron2 scripts it: named as not counted, never silently dropped
+        assert "UNSUPPORTED" in result["report"] and "paste_masks_in_image" in result["report"]
+    assert list(image["by_module_gflops"]) == groups
     assert len(image["layers"]) == 8 and len(image["stages"]) == 4
     assert abs(image["beta"] - image["beta_analytic"]) < 0.02
     assert (tmp_path / tool.PLOT_NAME).stat().st_size > 0
