@@ -91,8 +91,8 @@ def test_inference_mlp_in_row_tiles_equals_the_plain_mlp(monkeypatch):
     monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 5 * 3 * C)  # 23 rows: 5 tiles, the last partial
     x = torch.randn(2, 23, C)
     tiled_calls = []
-    original = Mlp._forward_chunked
-    monkeypatch.setattr(Mlp, "_forward_chunked", lambda self, *a: tiled_calls.append(a[1]) or original(self, *a))
+    original = Mlp._forward_tiled
+    monkeypatch.setattr(Mlp, "_forward_tiled", lambda self, *a: tiled_calls.append(a[1]) or original(self, *a))
     with torch.inference_mode():
         tiled = mlp(x)
     plain = mlp(x)  # autograd on: one matrix product per layer
@@ -118,7 +118,11 @@ def test_inference_deformable_sampling_in_query_tiles_equals_one_pass(monkeypatc
     plain = attn(x, x, hw, centers)
     assert (tiled - plain).abs().max() < 1e-5
     monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 1 << 20)
-    assert attention_module.inference_tiles(attn, 63, 2 * heads * attn.head_dim * points) == 0
+    assert attention_module.inference_tiles(attn, 63, 2 * heads * attn.head_dim * points, x.device) == 0
+    monkeypatch.setattr(attention_module, "TILE_ELEMENTS", 10)
+    with torch.inference_mode():  # tiles are for the CPU only
+        assert attention_module.inference_tiles(attn, 63, 1, torch.device("cpu")) == 10
+        assert attention_module.inference_tiles(attn, 63, 1, torch.device("cuda")) == 0
 
 
 @pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])

@@ -22,14 +22,17 @@ __all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad", "in
 TILE_ELEMENTS = 1 << 20  # values per inference tile (4 MB in float32): fits the caches
 
 
-def inference_tiles(module: nn.Module, rows: int, elements_per_row: int) -> int:
+def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device: torch.device) -> int:
     """Rows per tile when ``module`` should run ``rows`` rows in tiles of ``TILE_ELEMENTS``
-    intermediate values, else 0. Tiles are used only at inference (eval mode, no autograd,
-    not traced), and only when there are more than two: then the intermediate of a tile stays
-    in cache instead of making a round trip through memory, and no huge buffer is allocated
-    per call (glibc maps and zero-fills every allocation above 32 MB)."""
+    intermediate values, else 0. Tiles are used on the CPU at inference only (eval mode, no
+    autograd, not traced), and only when there are more than two: a tile's intermediate then
+    stays in cache instead of making a round trip through memory, and no huge buffer is
+    allocated per call (glibc maps and zero-fills every allocation above 32 MB). A GPU runs
+    the whole matrix in one kernel."""
     tile = max(1, TILE_ELEMENTS // max(1, elements_per_row))
-    if rows <= 2 * tile or module.training or torch.is_grad_enabled() or torch.jit.is_tracing():
+    if device.type != "cpu" or rows <= 2 * tile:
+        return 0
+    if module.training or torch.is_grad_enabled() or torch.jit.is_tracing():
         return 0
     return tile
 
@@ -206,7 +209,7 @@ class DeformableAttention(MultiHeadBase):
         weights [B*heads, 1, M, P] -> [B*heads, d, M]. At inference in tiles of queries (the
         [B*heads, d, M, P] samples of a PVT-S stage-1 map are 66 MB; a tile's are 4 MB)."""
         bh, d, m, points = value.shape[0], value.shape[1], grid.shape[1], grid.shape[2]
-        tile = inference_tiles(self, m, bh * d * points)
+        tile = inference_tiles(self, m, bh * d * points, value.device)
         if not tile:
             sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             return (sampled * weights).sum(dim=-1)
