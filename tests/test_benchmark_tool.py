@@ -15,6 +15,7 @@ def test_calibration_reaches_the_target_beta_and_the_report_is_complete(calibrat
     out = tmp_path / "bench.json"
     argv = ["--config-file", CONFIG, "--sizes", "256x320", "--runs", "1", "--warmup", "0"]
     argv += ["--calibration", calibration, "--target-beta", "0.5", "--json", str(out)]
+    argv += ["--memory"] if calibration == "shared" else []
     benchmark.main(argv)
     result = json.loads(out.read_text())
     assert calibration in result["routers"] and result["threads"] == 1
@@ -30,3 +31,6 @@ def test_calibration_reaches_the_target_beta_and_the_report_is_complete(calibrat
     row = case["backbone"]
     assert row["vanilla"]["median_ms"] > 0 and row["dge"]["median_ms"] > 0
     assert row["ratio"] == pytest.approx(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], abs=1e-3)
+    if calibration == "shared":  # each variant's forward measured in its own process
+        for variant in ("vanilla", "dge"):
+            assert 0 < row[variant]["rss_increase_mb"] < row[variant]["peak_rss_mb"]

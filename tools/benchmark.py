@@ -23,6 +23,7 @@ are the real photographs scikit-image ships, resized to each size.
 """
 import argparse
 import copy
+import gc
 import json
 import math
 import resource
@@ -98,18 +99,37 @@ def timed_interleaved(cases: dict, runs: int, warmup: int, sync) -> dict:
     return samples
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
-def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> float:
-    """Peak resident memory (MB) of a fresh process that builds ``variant`` alone and runs
-    ``what`` once (RSS peaks are per process, and forking after OpenMP can deadlock)."""
+def reset_peak_rss() -> bool:
+    """Resets this process's peak resident memory (Linux: VmHWM) to the current one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> dict:
+    """Peak resident memory (MB) while ``what`` runs once, in a fresh process that builds
+    ``variant`` alone (RSS peaks are per process, and forking after OpenMP can deadlock):
+    {"peak_rss_mb", "rss_increase_mb"} (the peak minus the resident memory just before the
+    first run: weights, inputs and the process are in both; first-call workspaces are in the
+    increase), or the process's lifetime peak when the peak cannot be reset (then it includes
+    building the models)."""
     cmd = [sys.executable, __file__, *argv, "--memory-case", what, variant]
     if offset is not None:
         cmd += ["--logit-offset", *map(str, offset)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def build_models(cfg, variants=("vanilla", "dge")):
@@ -241,7 +261,7 @@ def main(argv=None):
                             row[k]["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
                         else:
                             one = ["--config-file", args.config_file, "--sizes", size, "--batch", str(batch), *args.opts]
-                            row[k]["peak_rss_mb"] = round(cpu_peak_memory_mb(one, what, k, offset), 1)
+                            row[k].update(cpu_peak_memory_mb(one, what, k, offset))
                 row["ratio"] = round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4)
                 case[what] = row
                 print(
@@ -258,7 +278,7 @@ def main(argv=None):
 
 
 def memory_case(args, cfg, device):
-    """Builds one variant, runs one case once and prints this process's peak RSS (MB)."""
+    """Builds one variant, runs one case once and prints its peak RSS (MB) as JSON."""
     what, variant = args.memory_case
     models, _ = build_models(cfg, variants=("vanilla", "dge") if variant == "vanilla" else ("dge",))
     if variant == "vanilla":
@@ -270,9 +290,17 @@ def memory_case(args, cfg, device):
     x = normalise(models[variant], images)
     inputs = [{"image": img, "height": hw[0], "width": hw[1]} for img in images]
     fn = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)[variant]
+    gc.collect()
+    reset = reset_peak_rss()
+    before = _status_mb("VmRSS") if reset else None
     with torch.enable_grad() if what == "train" else torch.inference_mode():
-        fn()
-    print(peak_rss_mb())
+        fn()  # the first run: a second one would reuse memory glibc kept from it
+    if reset:
+        peak = _status_mb("VmHWM")
+        print(json.dumps({"peak_rss_mb": round(peak, 1), "rss_increase_mb": round(peak - before, 1)}))
+    else:
+        lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"process_peak_rss_mb (includes building the models)": round(lifetime, 1)}))
 
 
 def vanilla_state_dict(model) -> dict:
