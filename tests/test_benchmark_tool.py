@@ -34,3 +34,17 @@ def test_calibration_reaches_the_target_beta_and_the_report_is_complete(calibrat
     if calibration == "shared":  # each variant's forward measured in its own process
         for variant in ("vanilla", "dge"):
             assert 0 < row[variant]["rss_increase_mb"] < row[variant]["peak_rss_mb"]
+
+
+def test_repeats_in_fresh_processes_and_summarises_each_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--config-file", CONFIG, "--sizes", "128x160", "--runs", "1", "--warmup", "0", "--processes", "2"]
+    benchmark.main(argv + ["--json", str(out), "MODEL.DGE.GUMBEL_TAU", "1.0"])  # overrides pass through
+    summary = json.loads(out.read_text())
+    assert summary["processes"] == 2 and len(summary["per_process"]) == 2
+    (case,) = summary["cases"]
+    row = case["backbone"]
+    each = [run["cases"][0]["backbone"]["ratio"] for run in summary["per_process"]]
+    assert row["ratios"] == each and len(row["dge_median_ms"]) == 2
+    assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+    assert row["ratio_median"] == pytest.approx(sum(each) / 2, abs=1e-4)

@@ -10,6 +10,9 @@ the median, min and max (ms), the ratio of medians, the β measured on those inp
 and device. ``backbone``: the bottom-up backbone at inference; ``model``: the whole
 detectron2 model (``MODEL.META_ARCHITECTURE``) at inference; ``train``: one training step of
 the backbone (forward, a scalar loss + the budget loss, backward, AdamW step).
+``--processes N`` repeats all of it in N fresh processes and reports each ratio's median
+and range: on a 2-core CPU the DGE latency differs between processes by up to 10% (glibc's
+allocation thresholds), so one process is not enough for a claim.
 
 Untrained routers give every region the same choice. Unless ``MODEL.WEIGHTS`` holds trained
 routers, the tool re-initialises each router's weights (std 1/√C) so that regions differ,
@@ -26,10 +29,12 @@ import copy
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -191,11 +196,20 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory per case")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="repeat everything in N fresh processes; report each ratio's median and range "
+        "(on a CPU, latency differs between processes by a few percent)",
+    )
     # Internal: one case in a fresh process, for --memory on the CPU.
     parser.add_argument("--memory-case", nargs=2, metavar=("WHAT", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--logit-offset", type=float, nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1; got {args.processes}")
+    if args.processes > 1 and not args.memory_case:
+        return repeat_in_processes(args, list(sys.argv[1:] if argv is None else argv))
 
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DGE.ENABLED = True
@@ -275,6 +289,52 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def repeat_in_processes(args, argv):
+    """Runs this tool ``args.processes`` times, each in a fresh process, and summarises every
+    (input, batch, what) over the processes: median, min and max of the ratio."""
+    child = []
+    skip = 0
+    for item in argv:  # drop --processes/--json (and their values) of this call
+        if skip:
+            skip -= 1
+        elif item in ("--processes", "--json"):
+            skip = 1
+        elif item.startswith(("--processes=", "--json=")):
+            continue
+        else:
+            child.append(item)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.processes):
+            out = os.path.join(tmp, f"process{k}.json")
+            subprocess.run([sys.executable, __file__, "--processes", "1", "--json", out, *child], check=True)
+            with open(out) as f:
+                runs.append(json.load(f))
+    summary = {key: runs[0][key] for key in ("config", "device", "threads", "routers")}
+    summary.update(processes=args.processes, cases=[], per_process=runs)
+    for i, case in enumerate(runs[0]["cases"]):
+        row = {"size": case["size"], "batch": case["batch"], "beta": [r["cases"][i]["beta"] for r in runs]}
+        for what in args.what:
+            ratios = [r["cases"][i][what]["ratio"] for r in runs]
+            row[what] = {
+                "ratio_median": round(statistics.median(ratios), 4),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "ratios": ratios,
+                **{f"{v}_median_ms": [r["cases"][i][what][v]["median_ms"] for r in runs] for v in ("vanilla", "dge")},
+            }
+            print(
+                f"{what:8s} {case['size'][0]}x{case['size'][1]} batch {case['batch']} over {args.processes} "
+                f"processes: ratio {row[what]['ratio_median']:.3f} (median; {min(ratios):.3f}-{max(ratios):.3f})",
+                flush=True,
+            )
+        summary["cases"].append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
 
 
 def memory_case(args, cfg, device):
