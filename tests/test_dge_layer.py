@@ -192,12 +192,37 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
     assert torch.equal(sparse.last_routing.num_queries, dense.last_routing.num_queries)
     assert (a - b).abs().max() < 1e-5
-    calls = []
-    handle = block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    calls, kv_calls = [], []
+    handles = [
+        block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1])),
+        block.attn.sr.register_forward_hook(lambda m, i, o: kv_calls.append(1)),
+    ]
     sparse(x, hw)
+    n_sparse = sparse.last_routing.num_queries.max().item()
     dense(x, hw)
-    handle.remove()
-    assert len(calls) == 1 + 3  # sparse: one block call; dense: one per granularity
+    for handle in handles:
+        handle.remove()
+    # Sparse: the chosen queries only. Dense: all three granularities' queries (96 + 24 + 6 on
+    # a 12×8 map) in one block call, so the key/value side (the SR conv) runs once for both.
+    assert calls == [n_sparse, 96 + 24 + 6]
+    assert len(kv_calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["global", "deformable"])
+def test_dense_training_agrees_with_sparse_with_a_class_token(kind):
+    block = make_block(kind, seed=6)
+    sparse = DynamicGrainedEncoder(block, C, num_extra_tokens=1, init_fine_prob=0.34).train()  # mixed maps
+    dense = DynamicGrainedEncoder(block, C, num_extra_tokens=1, init_fine_prob=0.34, dense_train=True).train()
+    dense.router.load_state_dict(sparse.router.state_dict())
+    hw = (9, 10)  # padded to 12×12: partial patches at the border
+    x = torch.randn(2, 1 + 90, C)
+    torch.manual_seed(3)
+    a = sparse(x, hw)
+    torch.manual_seed(3)
+    b = dense(x, hw)
+    assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
+    assert len(dense.last_routing.granularity_map.unique()) == 3
+    assert (a - b).abs().max() < 1e-5
 
 
 def test_router_initially_prefers_the_finest_granularity():

@@ -250,21 +250,24 @@ class DynamicGrainedEncoder(nn.Module):
         return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
 
     def _forward_dense(self, x, spatial, pooled, layout, index, probs, hw):
-        """All K granularities computed and mixed by the one-hot straight-through gate."""
+        """All K granularities computed and mixed by the one-hot straight-through gate. Their
+        queries go through the block together, in one call: the key/value side is the same
+        for every query layout and is computed once (queries attend to the context only)."""
         b = x.shape[0]
         e = self.num_extra_tokens
         hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
         gate = (hard - probs.detach() + probs).view(b, -1, len(self.granularities))
-        out = spatial
-        extra_out = None
+        parts = []  # (k, packing, queries, centers) per nonzero granularity
         for k, g in enumerate(self.granularities):
-            if g == 0:
-                continue
-            region_g = torch.full_like(index.view(b, -1), g)
-            packing = pack_queries(layout, region_g, self.granularities)
-            queries, centers = gather_queries(packing, pooled, layout)
-            extra, y = self._run_block(x, queries, centers, hw, e)
-            extra_out = extra if extra_out is None else extra_out
+            if g > 0:
+                packing = pack_queries(layout, torch.full_like(index.view(b, -1), g), self.granularities)
+                parts.append((k, packing, *gather_queries(packing, pooled, layout)))
+        queries = torch.cat([q for _, _, q, _ in parts], dim=1)
+        centers = torch.cat([c for _, _, _, c in parts], dim=1)
+        extra_out, y = self._run_block(x, queries, centers, hw, e)
+        deltas = (y - queries).split([q.shape[1] for _, _, q, _ in parts], dim=1)
+        out = spatial
+        for (k, packing, _, _), delta in zip(parts, deltas):
             weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions).view(b, -1, 1)
-            out = unpack_tokens(out, (y - queries) * weight, packing)
+            out = unpack_tokens(out, delta * weight, packing)
         return torch.cat([extra_out, out], dim=1) if e else out
