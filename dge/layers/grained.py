@@ -55,7 +55,6 @@ class PatchGrid:
 @dataclass
 class StaticLayout:
     hw: Tuple[int, int]
-    padded_hw: Tuple[int, int]
     region_hw: Tuple[int, int]  # (Rh, Rw) tokens per region
     regions_hw: Tuple[int, int]  # (Hr, Wr) regions
     token_region: torch.Tensor  # [H*W] long
@@ -126,7 +125,6 @@ def static_layout(
         )
     return StaticLayout(
         hw=(h, w),
-        padded_hw=(hp, wp),
         region_hw=(rh, rw),
         regions_hw=(hr, wr),
         token_region=token_region,
