@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from dge.layers import attention as attention_module
+from dge.layers import grained
 from dge.layers import (
     DeformableAttention,
     DynamicGrainedEncoder,
     EncoderBlock,
     GrainedRouter,
     Mlp,
+    QueryRows,
     SpatialReductionAttention,
     budget_loss,
     complexity_report,
@@ -149,6 +151,90 @@ def test_random_maps_match_the_region_loop_reference(kind):
     assert torch.equal(out[1].view(*hw, C)[i * 4 : i * 4 + 4, j * 4 : j * 4 + 4], x[1].view(*hw, C)[:4, :4])
 
 
+@pytest.mark.parametrize("kind", ["pvt", "deformable"])
+def test_packed_rows_have_no_padding_and_train_like_images_alone(kind):
+    """A batch's queries are packed: the row-wise work (here the MLP) sees Σ_b M_b rows, not
+    B·max M_b; only attention pads. Training through the packing gives each image's output
+    and the summed weight gradients of the images run alone."""
+    block = make_block(kind, seed=6).train()
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).train()
+    hw = (8, 12)
+    x = torch.randn(3, 96, C)
+    gmap = torch.tensor([[[1, 1, 1], [1, 1, 2]], [[4, 4, 4], [4, 2, 4]], [[2, 1, 4], [4, 4, 4]]])
+    mlp_rows = []
+    handle = block.mlp.register_forward_hook(lambda m, i, o: mlp_rows.append(i[0].shape[:-1].numel()))
+    out = dge(x, hw, gmap)
+    handle.remove()
+    counts = dge.last_routing.num_queries.tolist()
+    assert counts == [5 * 16 + 4, 5 + 4, 4 + 16 + 4]
+    assert mlp_rows == [sum(counts)]
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(block.parameters()))
+    for i in range(3):
+        alone = dge(x[i : i + 1], hw, gmap[i : i + 1])
+        assert (alone[0] - out[i]).abs().max() < 1e-5
+        for g, g_alone in zip(grads, torch.autograd.grad((alone * weights[i : i + 1]).sum(), list(block.parameters()))):
+            g -= g_alone
+    assert max(g.abs().max().item() for g in grads) < 1e-4
+
+
+def test_packed_rows_drop_a_whole_image_path_at_once():
+    """Stochastic depth on packed rows draws once per image, as on a [B, M, C] batch."""
+    attn = SpatialReductionAttention(C, num_heads=2, sr_ratio=1)
+    block = EncoderBlock(C, attn, drop_path=0.5).train()
+    counts = torch.tensor([3, 5, 2])
+    rows = QueryRows(counts, max_rows=5, total=10)
+    seen = set()
+    for _ in range(20):
+        kept = block._drop_path(torch.ones(1, 10, C), rows)[0, :, 0]
+        per_image = kept.split(counts.tolist())
+        assert all(torch.equal(part, part[:1].expand_as(part)) for part in per_image)
+        assert set(kept.tolist()) <= {0.0, 2.0}
+        seen.add(tuple(part[0].item() for part in per_image))
+    assert any(len(set(draw)) > 1 for draw in seen)  # images are dropped independently
+
+
+def test_query_rows_cut_into_segments_of_one_image(monkeypatch):
+    rows = QueryRows(torch.tensor([5, 0, 2]), max_rows=5, total=7)
+    segments, images = rows.segments()
+    assert images.tolist() == [0, 1, 2]  # segments no shorter than MIN_SEGMENT_ROWS: one per image
+    monkeypatch.setattr(grained, "MIN_SEGMENT_ROWS", 1)
+    monkeypatch.setattr(grained, "SEGMENTS_PER_IMAGE", 3)
+    segments, images = rows.segments()  # L = ceil(5 / 3) = 2 rows
+    assert images.tolist() == [0, 0, 0, 2]
+    assert segments.counts.tolist() == [2, 2, 1, 2]
+    padded = segments.pad(torch.arange(1.0, 8.0)[:, None])[..., 0]
+    assert padded.tolist() == [[1, 2], [3, 4], [5, 0], [6, 7]]
+
+
+@pytest.mark.parametrize("segment_rows", [1, 3, 256])
+def test_attention_in_segments_equals_images_alone(monkeypatch, segment_rows):
+    """Packed queries of images with different counts: attention per segment of one image's
+    rows (with that image's keys) gives each image what it gets alone."""
+    monkeypatch.setattr(grained, "MIN_SEGMENT_ROWS", segment_rows)
+    monkeypatch.setattr(grained, "SEGMENTS_PER_IMAGE", 4)
+    block = make_block("pvt", seed=8)
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    hw = (8, 12)
+    x = torch.randn(3, 96, C)
+    gmap = torch.tensor([[[1, 1, 1], [1, 1, 2]], [[4, 4, 4], [4, 2, 4]], [[2, 1, 4], [4, 4, 4]]])
+    with torch.no_grad():
+        out = dge(x, hw, gmap)
+        for i in range(3):
+            assert (dge(x[i : i + 1], hw, gmap[i : i + 1])[0] - out[i]).abs().max() < 1e-5
+
+
+def test_query_rows_pad_and_unpad():
+    rows = QueryRows(torch.tensor([2, 0, 3]), max_rows=3, total=5)
+    packed = torch.arange(1.0, 6.0)[:, None]
+    padded = rows.pad(packed)
+    assert padded[..., 0].tolist() == [[1, 2, 0], [0, 0, 0], [3, 4, 5]]
+    assert torch.equal(rows.unpad(padded), packed)
+    same = QueryRows(torch.tensor([2, 2]), max_rows=2, total=4)  # no padding: views only
+    assert same.padded_index is None
+    assert same.pad(packed[:4]).data_ptr() == packed.data_ptr()
+
+
 def test_extra_tokens_are_always_queries_and_match_reference():
     block = make_block("global", seed=2)
     dge = DynamicGrainedEncoder(block, C, granularities=(1, 2), num_extra_tokens=1).eval()
@@ -198,11 +284,11 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
         block.attn.sr.register_forward_hook(lambda m, i, o: kv_calls.append(1)),
     ]
     sparse(x, hw)
-    n_sparse = sparse.last_routing.num_queries.max().item()
+    n_sparse = sparse.last_routing.num_queries.sum().item()
     dense(x, hw)
     for handle in handles:
         handle.remove()
-    # Sparse: the chosen queries only. Dense: all three granularities' queries (96 + 24 + 6 on
+    # Sparse: the chosen queries only, of both images packed in one row set (no padding). Dense: all three granularities' queries (96 + 24 + 6 on
     # a 12×8 map) in one block call, so the key/value side (the SR conv) runs once for both.
     assert calls == [n_sparse, 96 + 24 + 6]
     assert len(kv_calls) == 2

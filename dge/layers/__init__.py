@@ -4,5 +4,5 @@ from .attention import DeformableAttention, SpatialReductionAttention
 from .block import EncoderBlock, Mlp
 from .complexity import ComplexityReport, budget_loss, complexity_report, dge_modules, dge_stages
 from .encoder import DynamicGrainedEncoder, RoutingInfo
-from .grained import token_centers
+from .grained import QueryRows, token_centers
 from .router import GrainedRouter

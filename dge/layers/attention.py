@@ -1,5 +1,9 @@
 """Attention kinds of the vanilla encoder blocks, each attending from (sparse) queries to a
-dense context: ``attn(queries [B, M, C], context [B, E+H*W, C], hw, query_centers [B, M, 2])``.
+dense context: ``attn(queries [B, M, C], context [B, E+H*W, C], hw, query_centers [B, M, 2],
+rows=None)``. With ``rows`` (a ``dge.layers.grained.QueryRows``) the queries of the B images
+are packed rows [1, T, C] (centres [1, T, 2]); only the per-image part is padded: global /
+SR attention per segment of one image's rows (with that image's keys), deformable sampling
+per image (its small sampling grid only).
 
 * ``SpatialReductionAttention``: PVT's attention (keys/values from an R×R strided conv of
   the context); ``sr_ratio=1`` is plain global attention (ViT / DeiT).
@@ -15,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .grained import QueryRows
 
 __all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad", "inference_tiles"]
 
@@ -113,13 +119,23 @@ class SpatialReductionAttention(MultiHeadBase):
         context: torch.Tensor,
         hw: Tuple[int, int],
         query_centers: Optional[torch.Tensor] = None,
+        rows: Optional[QueryRows] = None,
     ) -> torch.Tensor:
-        b, m, c = queries.shape
+        shape = queries.shape
         k, v = self.keys_values(context, hw)
-        q = self.q(queries).reshape(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.q(queries)
+        if rows is not None:  # pad per segment of one image's rows; each gets its image's keys
+            rows, images = rows.segments()
+            q = rows.pad(q.view(-1, self.dim))
+            if images is not None:
+                k, v = k.index_select(0, images), v.index_select(0, images)
+        b, m, c = q.shape
+        q = q.view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         drop = self.attn_drop if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         x = x.transpose(1, 2).reshape(b, m, c)
+        if rows is not None:
+            x = rows.unpad(x).view(shape)
         return self.proj_drop(self.proj(x))
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
@@ -183,26 +199,33 @@ class DeformableAttention(MultiHeadBase):
         context: torch.Tensor,
         hw: Tuple[int, int],
         query_centers: Optional[torch.Tensor] = None,
+        rows: Optional[QueryRows] = None,
     ) -> torch.Tensor:
         """query_centers: [B, M, 2] (y, x) in token units (token (i, j) is centred at
         (i + 0.5, j + 0.5)); required."""
         if query_centers is None:
             raise ValueError("DeformableAttention needs query_centers [B, M, 2]")
-        b, m, c = queries.shape
+        shape = queries.shape
         h, w = hw
         heads, points, d = self.num_heads, self.num_points, self.head_dim
+        b = context.shape[0]
         spatial = context[:, context.shape[1] - h * w:]
         value = self.v(spatial).view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
-        offsets = self.offsets(queries).view(b, m, heads, points, 2)  # (x, y) in tokens
-        weights = self.attn_drop(self.attn_weight(queries).view(b, m, heads, points).softmax(dim=-1))
-        # Sampling locations in [-1, 1] (grid_sample, align_corners=False): 2 * xy / wh - 1.
+        offsets = self.offsets(queries).view(*shape[:2], heads, points, 2)  # (x, y) in tokens
+        weights = self.attn_drop(self.attn_weight(queries).view(*shape[:2], heads, points).softmax(dim=-1))
         center_xy = query_centers.flip(-1)[:, :, None, None, :]
         loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
-        scale = loc.new_tensor([2.0 / w, 2.0 / h])
-        grid = (loc * scale - 1.0).permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
+        # Sampling locations in [-1, 1] (grid_sample, align_corners=False): 2 * xy / wh - 1.
+        grid = loc * loc.new_tensor([2.0 / w, 2.0 / h]) - 1.0
+        if rows is not None:  # each image samples its own map: pad the (small) grid, not the queries
+            grid, weights = rows.pad(grid.flatten(0, 1)), rows.pad(weights.flatten(0, 1))
+        m = grid.shape[1]
+        grid = grid.permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
         weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, m, points)
         x = self._sample(value, grid, weights).view(b, heads * d, m).transpose(1, 2)
-        return self.proj_drop(self.proj(x))
+        if rows is not None:
+            x = rows.unpad(x)
+        return self.proj_drop(self.proj(x.reshape(shape)))
 
     def _sample(self, value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_p weights · bilinear(value, grid): value [B*heads, d, H, W], grid [B*heads, M, P, 2],

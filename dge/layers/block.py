@@ -1,8 +1,10 @@
 """The vanilla encoder block, in the form every DGE block wraps.
 
-Protocol: ``block(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2])``
-returns the updated queries [B, M, C] (residuals inside). The vanilla model calls
-``block(x, x, hw, centers)``; a Dynamic Grained Encoder calls it with pooled queries.
+Protocol: ``block(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2],
+rows=None)`` returns the updated queries [B, M, C] (residuals inside). The vanilla model
+calls ``block(x, x, hw, centers)``; a Dynamic Grained Encoder calls it with pooled queries,
+packed as rows [1, T, C] of B images, and ``rows`` (``dge.layers.grained.QueryRows``) saying
+whose rows they are: row-wise work runs unpadded, only the attention pads.
 """
 from typing import Optional, Tuple
 
@@ -11,6 +13,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .attention import inference_tiles
+from .grained import QueryRows
 
 __all__ = ["Mlp", "EncoderBlock"]
 
@@ -81,11 +84,21 @@ class EncoderBlock(nn.Module):
         context: torch.Tensor,
         hw: Tuple[int, int],
         query_centers: Optional[torch.Tensor] = None,
+        rows: Optional[QueryRows] = None,
     ) -> torch.Tensor:
         q = self.norm1(queries)
         ctx = q if context is queries else self.norm1(context)
-        x = queries + self.drop_path(self.attn(q, ctx, hw, query_centers))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = queries + self._drop_path(self.attn(q, ctx, hw, query_centers, rows), rows)
+        return x + self._drop_path(self.mlp(self.norm2(x)), rows)
+
+    def _drop_path(self, x: torch.Tensor, rows: Optional[QueryRows]) -> torch.Tensor:
+        """Stochastic depth per image; for packed rows, every row of an image shares its draw."""
+        rate = getattr(self.drop_path, "drop_prob", 0.0)
+        if rows is None or not self.training or rate == 0.0:
+            return self.drop_path(x)
+        keep = 1.0 - rate
+        per_image = x.new_empty(rows.batch).bernoulli_(keep).div_(keep)
+        return x * per_image.index_select(0, rows.image_index).view(x.shape[0], -1, 1)
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         """(fixed, per_query) multiply-adds, fvcore's convention (LayerNorm: 5 per element,

@@ -216,16 +216,8 @@ class DynamicGrainedEncoder(nn.Module):
         )
         return out
 
-    def _run_block(self, x, queries, centers, hw, e):
-        """Block on [extra tokens, queries] against the dense x; returns (extra_out, query_out)."""
-        if e:
-            queries = torch.cat([x[:, :e], queries], dim=1)
-            centers = torch.cat([centers.new_zeros(x.shape[0], e, 2), centers], dim=1)
-        y = self.block(queries, x, hw, centers)
-        return y[:, :e], y[:, e:]
-
     def _forward_sparse(self, x, spatial, pooled, layout, region_g, chosen_p, hw):
-        b = x.shape[0]
+        b, _, c = x.shape
         e = self.num_extra_tokens
         g_min, g_max = torch.aminmax(region_g)
         uniform = int(g_min) if int(g_min) == int(g_max) else None
@@ -236,16 +228,18 @@ class DynamicGrainedEncoder(nn.Module):
                 centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
             num_queries = torch.full((b,), layout.hw[0] * layout.hw[1], device=x.device, dtype=torch.long)
             return self.block(x, x, hw, centers), num_queries
-        packing = pack_queries(layout, region_g, self.granularities)
+        packing = pack_queries(layout, region_g, self.granularities, num_extra=e)
         if packing.max_queries == 0 and e == 0:
             return x, packing.num_queries
-        queries, centers = gather_queries(packing, pooled, layout)
-        extra_out, y = self._run_block(x, queries, centers, hw, e)
+        # Packed rows of all images (each image's extra tokens, then its queries).
+        queries, centers = gather_queries(packing, pooled, layout, x[:, :e] if e else None)
+        y = self.block(queries[None], x, hw, centers[None], packing.rows)[0]
+        extra_out = y.index_select(0, packing.extra_rows).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
         if chosen_p is not None:
             st = (1.0 + chosen_p - chosen_p.detach()).reshape(-1)  # Eq. 6
-            delta = delta * st.index_select(0, packing.query_regions).view(b, -1, 1)
+            delta = delta * st.index_select(0, packing.query_regions)[:, None]
         out = unpack_tokens(spatial, delta, packing)
         return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
 
@@ -253,21 +247,23 @@ class DynamicGrainedEncoder(nn.Module):
         """All K granularities computed and mixed by the one-hot straight-through gate. Their
         queries go through the block together, in one call: the key/value side is the same
         for every query layout and is computed once (queries attend to the context only)."""
-        b = x.shape[0]
+        b, _, c = x.shape
         e = self.num_extra_tokens
         hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
         gate = (hard - probs.detach() + probs).view(b, -1, len(self.granularities))
-        parts = []  # (k, packing, queries, centers) per nonzero granularity
+        parts = []  # (k, packing, queries [B, M_g, C], centers) per nonzero granularity
         for k, g in enumerate(self.granularities):
             if g > 0:
+                # Every image has the same M_g queries: the packed rows are a [B, M_g] batch.
                 packing = pack_queries(layout, torch.full_like(index.view(b, -1), g), self.granularities)
-                parts.append((k, packing, *gather_queries(packing, pooled, layout)))
-        queries = torch.cat([q for _, _, q, _ in parts], dim=1)
-        centers = torch.cat([c for _, _, _, c in parts], dim=1)
-        extra_out, y = self._run_block(x, queries, centers, hw, e)
-        deltas = (y - queries).split([q.shape[1] for _, _, q, _ in parts], dim=1)
+                queries, centers = gather_queries(packing, pooled, layout)
+                parts.append((k, packing, queries.view(b, -1, c), centers.view(b, -1, 2)))
+        queries = torch.cat([x[:, :e]] + [q for _, _, q, _ in parts], dim=1)
+        centers = torch.cat([x.new_zeros(b, e, 2)] + [ct for _, _, _, ct in parts], dim=1)
+        y = self.block(queries, x, hw, centers)
+        deltas = (y - queries)[:, e:].split([q.shape[1] for _, _, q, _ in parts], dim=1)
         out = spatial
         for (k, packing, _, _), delta in zip(parts, deltas):
             weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions).view(b, -1, 1)
             out = unpack_tokens(out, delta * weight, packing)
-        return torch.cat([extra_out, out], dim=1) if e else out
+        return torch.cat([y[:, :e], out], dim=1) if e else out

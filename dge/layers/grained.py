@@ -11,7 +11,9 @@ Terms (token units of the H×W feature map, padded bottom/right to Hp×Wp, footn
 
 ``StaticLayout`` holds everything that depends only on (H, W, Φ, region size): built once
 per feature-map size and cached. ``pack_queries`` / ``unpack_tokens`` do the per-batch
-work with index arithmetic on whole tensors: no loop over images or regions.
+work with index arithmetic on whole tensors: no loop over images or regions. The queries of
+a batch are packed row after row (``QueryRows``): images with fewer queries do less work,
+also in a batch (only attention pads, per short segment of one image's rows).
 """
 import functools
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ __all__ = [
     "static_layout",
     "token_centers",
     "PatchPooler",
+    "QueryRows",
     "QueryPacking",
     "pack_queries",
     "gather_queries",
@@ -156,30 +159,115 @@ class PatchPooler:
         return self._means[size]
 
 
+# Attention on packed rows of images with different query counts pads per segment of at
+# least MIN_SEGMENT_ROWS and at most ceil(M / SEGMENTS_PER_IMAGE) rows (see QueryRows.segments).
+SEGMENTS_PER_IMAGE = 8
+MIN_SEGMENT_ROWS = 256
+
+
+@dataclass
+class QueryRows:
+    """Where the rows of a packed query tensor sit in an image batch.
+
+    A DGE block packs the queries of B images one image after the other into one
+    [1, T, C] tensor, T = Σ_b M_b: every row-wise part of a block (norms, projections,
+    MLP) runs on the T rows, with no padding. A part that needs the image batch (attention
+    to the image's keys) pads the rows to [B, M, ...] (M = max_b M_b, padding rows zero)
+    with ``pad``, or to shorter ``segments``, and packs the result back with ``unpad``.
+    When every image has M rows the two are views (no copy).
+    """
+
+    counts: torch.Tensor  # [B] long, rows of each image
+    max_rows: int  # M
+    total: int  # T
+
+    @property
+    def batch(self) -> int:
+        return self.counts.shape[0]
+
+    @functools.cached_property
+    def image_index(self) -> torch.Tensor:
+        """[T] long: the image of each row."""
+        images = torch.arange(self.batch, device=self.counts.device)
+        return images.repeat_interleave(self.counts, output_size=self.total)
+
+    @functools.cached_property
+    def padded_index(self) -> Optional[torch.Tensor]:
+        """[T] long: the row of each packed row in the flat padded [B*M] batch; None when
+        there is no padding (the packed rows already are that batch)."""
+        if self.total == self.batch * self.max_rows:
+            return None
+        starts = torch.cumsum(self.counts, 0) - self.counts
+        image = self.image_index
+        return torch.arange(self.total, device=image.device) + (image * self.max_rows - starts[image])
+
+    def segments(self):
+        """The rows cut into segments that each belong to one image, for attention that pads:
+        -> (QueryRows whose "images" are the segments, [S] long image of each segment), or
+        (self, None) when nothing would be padded. Segments have L = max(MIN_SEGMENT_ROWS,
+        ceil(M / SEGMENTS_PER_IMAGE)) rows (an image's last one may be shorter), so an image
+        pads fewer than L rows instead of up to M; each segment needs its image's keys (a
+        copy of them)."""
+        if self.padded_index is None:
+            return self, None
+        length = max(MIN_SEGMENT_ROWS, -(-self.max_rows // SEGMENTS_PER_IMAGE))
+        if length >= self.max_rows:
+            return self, torch.arange(self.batch, device=self.counts.device)
+        per_image = (self.counts + length - 1) // length
+        num_segments = int(per_image.sum())
+        images = torch.arange(self.batch, device=self.counts.device).repeat_interleave(
+            per_image, output_size=num_segments
+        )
+        first = torch.cumsum(per_image, 0) - per_image  # first segment of each image
+        done = (torch.arange(num_segments, device=images.device) - first[images]) * length
+        counts = torch.clamp(self.counts[images] - done, max=length)
+        return QueryRows(counts, length, self.total), images
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """[T, *] -> [B, M, *], padding rows zero."""
+        tail = rows.shape[1:]
+        if self.padded_index is None:
+            return rows.reshape(self.batch, self.max_rows, *tail)
+        padded = rows.new_zeros((self.batch * self.max_rows,) + tail)
+        return padded.index_copy(0, self.padded_index, rows).view(self.batch, self.max_rows, *tail)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, M, *] -> [T, *]."""
+        flat = padded.reshape((self.batch * self.max_rows,) + padded.shape[2:])
+        return flat if self.padded_index is None else flat.index_select(0, self.padded_index)
+
+
 @dataclass
 class QueryPacking:
-    """Where each image's queries sit in the padded query batch, and each token's query."""
+    """Where each image's queries sit in the packed query rows, and each token's query.
+
+    Rows are packed image after image; image b's segment holds its E extra tokens (e.g. a
+    class token), then its spatial queries."""
 
     num_queries: torch.Tensor  # [B] long, spatial queries per image
-    max_queries: int  # M: queries per image after padding
-    # (φ, flat rows of PatchPooler[φ], patch indices in the padded grid, flat dest rows)
+    max_queries: int  # max_b num_queries
+    # (φ, flat rows of PatchPooler[φ], patch indices in the padded grid, packed dest rows)
     sources: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    token_rows: torch.Tensor  # [B*H*W] long rows of the flat [B*M (+1), C] query tensor
-    query_regions: torch.Tensor  # [B*M] long: b*R + region of each query row (0 for padding)
-    has_skipped: bool  # some tokens have φ = 0 (their row is the extra zero row B*M)
+    token_rows: torch.Tensor  # [B*H*W] long packed row of each token's query (T for φ = 0)
+    query_regions: torch.Tensor  # [T] long: b*R + region of each row (b*R for extra tokens)
+    extra_rows: torch.Tensor  # [B*E] long packed rows of the extra tokens
+    rows: QueryRows
+    has_skipped: bool  # some tokens have φ = 0 (their row is the extra zero row T)
 
 
 def pack_queries(
-    layout: StaticLayout, region_granularity: torch.Tensor, granularities: Sequence[int]
+    layout: StaticLayout, region_granularity: torch.Tensor, granularities: Sequence[int], num_extra: int = 0
 ) -> QueryPacking:
     """Index plan for a batch.
 
     Args:
         region_granularity: [B, R] long, φ chosen for each region.
         granularities: Φ.
+        num_extra: E extra tokens per image, placed first in each image's segment.
     """
     b = region_granularity.shape[0]
     n = layout.token_region.numel()
+    device = region_granularity.device
     token_granularity = region_granularity[:, layout.token_region]  # [B, H*W]
     order = [g for g in granularities if g > 0]
     # A patch becomes a query when its region chose its granularity and it has a valid token.
@@ -187,42 +275,60 @@ def pack_queries(
         (region_granularity[:, layout.grids[g].patch_region] == g) & layout.grids[g].valid
         for g in order
     ]
-    sel_all = torch.cat(selected, dim=1)  # [B, T]
+    sel_all = torch.cat(selected, dim=1)  # [B, T_patches]
     num_queries = sel_all.sum(dim=1)
-    max_queries = int(num_queries.max())
-    pos = torch.cumsum(sel_all, dim=1) - 1  # position of each selected patch in its image
-    row_base = torch.arange(b, device=pos.device)[:, None] * max_queries
+    counts = num_queries + num_extra
+    starts = torch.cumsum(counts, 0) - counts
+    limits = torch.stack([num_queries.max(), counts.sum()]).tolist()  # one device sync
+    max_queries, total = int(limits[0]), int(limits[1])
+    # Packed row of each selected patch: its image's segment, after the extra tokens.
+    pos = torch.cumsum(sel_all, dim=1) + (starts + (num_extra - 1))[:, None]
 
     sources = []
     offset = 0
-    token_rows = torch.full((b, n), b * max_queries, dtype=torch.long, device=pos.device)
-    query_regions = torch.zeros(b * max_queries, dtype=torch.long, device=pos.device)
+    token_rows = torch.full((b, n), total, dtype=torch.long, device=device)
+    region_base = torch.arange(b, device=device) * layout.num_regions
+    query_regions = region_base.repeat_interleave(counts, output_size=total)
     for g, sel in zip(order, selected):
         grid = layout.grids[g]
         t = sel.shape[1]
         bi, pi = sel.nonzero(as_tuple=True)
-        dest = bi * max_queries + pos[bi, offset + pi]
+        dest = pos[bi, offset + pi]
         sources.append((g, bi * grid.pooled_size + grid.pooled_index[pi], pi, dest))
-        query_regions.index_copy_(0, dest, bi * layout.num_regions + grid.patch_region[pi])
-        rows = (pos[:, offset:offset + t] + row_base).gather(1, grid.token_patch[None].expand(b, n))
+        query_regions.index_add_(0, dest, grid.patch_region[pi])
+        rows = pos[:, offset:offset + t].gather(1, grid.token_patch[None].expand(b, n))
         token_rows = torch.where(token_granularity == g, rows, token_rows)
         offset += t
+    extra_rows = (starts[:, None] + torch.arange(num_extra, device=device)).reshape(-1)
     has_skipped = 0 in granularities and bool((token_granularity == 0).any())
-    return QueryPacking(num_queries, max_queries, sources, token_rows.view(-1), query_regions, has_skipped)
+    return QueryPacking(
+        num_queries=num_queries,
+        max_queries=max_queries,
+        sources=sources,
+        token_rows=token_rows.view(-1),
+        query_regions=query_regions,
+        extra_rows=extra_rows,
+        rows=QueryRows(counts, max_queries + num_extra, total),
+        has_skipped=has_skipped,
+    )
 
 
 def gather_queries(
-    packing: QueryPacking, pooled: "PatchPooler", layout: StaticLayout
+    packing: QueryPacking, pooled: "PatchPooler", layout: StaticLayout, extra: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Queries [B, M, C] (padding rows zero) and their centres [B, M, 2]."""
+    """Packed query rows [T, C] and their centres [T, 2] (extra tokens centred at 0).
+
+    Args:
+        extra: [B, E, C] the extra tokens (``num_extra`` of ``pack_queries``), or None.
+    """
     any_pool = pooled[1]
-    b, _, c = any_pool.shape
-    m = packing.max_queries
-    # Padding rows (images with fewer than M queries) must be zero; otherwise every row is
-    # written below and the buffer needs no zero fill.
-    full = b == 1 or bool((packing.num_queries == m).all())
-    queries = any_pool.new_empty(b * m, c) if full else any_pool.new_zeros(b * m, c)
-    q_centers = any_pool.new_empty(b * m, 2) if full else any_pool.new_zeros(b * m, 2)
+    c = any_pool.shape[-1]
+    # Every row is written below (extra tokens and queries): no zero fill.
+    queries = any_pool.new_empty(packing.rows.total, c)
+    q_centers = any_pool.new_empty(packing.rows.total, 2)
+    if packing.extra_rows.numel():
+        queries.index_copy_(0, packing.extra_rows, extra.reshape(-1, c))
+        q_centers.index_fill_(0, packing.extra_rows, 0.0)
     for g, src, patches, dest in packing.sources:
         rows = pooled[g].reshape(-1, c)
         lo, hi = (dest[0].item(), dest[-1].item()) if dest.numel() else (0, -1)
@@ -234,7 +340,7 @@ def gather_queries(
             queries.index_copy_(0, dest, rows.index_select(0, src))
         grid_centers = layout.grids[g].centers.to(any_pool.dtype)
         q_centers.index_copy_(0, dest, grid_centers.index_select(0, patches))
-    return queries.view(b, m, c), q_centers.view(b, m, 2)
+    return queries, q_centers
 
 
 def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -> torch.Tensor:
@@ -242,7 +348,7 @@ def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -
 
     Args:
         x: [B, H*W, C] input tokens.
-        delta: [B, M, C] per-query update (block output minus query).
+        delta: [T, C] (or [1, T, C]) per-row update (block output minus query).
     """
     b, n, c = x.shape
     flat = delta.reshape(-1, c)
