@@ -15,12 +15,14 @@ def test_calibration_reaches_the_target_beta_and_the_report_is_complete(calibrat
     out = tmp_path / "bench.json"
     argv = ["--config-file", CONFIG, "--sizes", "256x320", "--runs", "1", "--warmup", "0"]
     argv += ["--calibration", calibration, "--target-beta", "0.5", "--json", str(out)]
-    argv += ["--memory"] if calibration == "shared" else []
+    argv += ["--memory"] if calibration == "shared" else ["--batch", "2"]
     benchmark.main(argv)
     result = json.loads(out.read_text())
     assert calibration in result["routers"] and result["threads"] == 1
     (case,) = result["cases"]
     assert abs(case["beta"] - 0.5) < 0.03
+    per_image = case["beta_per_image"]  # β of the batch is the mean of its images'
+    assert len(per_image) == case["batch"] and sum(per_image) / len(per_image) == pytest.approx(case["beta"], abs=1e-3)
     per_block, offsets = case["beta_per_block"], case["calibrated_logit_offsets"]
     if calibration == "per-block":
         assert len(offsets) == len(per_block) == 8  # PVT-tiny: 2 blocks per stage

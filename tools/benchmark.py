@@ -253,10 +253,12 @@ def main(argv=None):
                 "size": list(hw),
                 "batch": batch,
                 "beta": round(beta, 4),
+                "beta_per_image": [round(b, 4) for b in report.beta.tolist()],
                 "beta_per_block": [round(b, 4) for b in report.layer_beta.mean(dim=1).tolist()],
             }
             if offset is not None:
                 case["calibrated_logit_offsets"] = [round(o, 3) for o in offset]
+            per_image = "" if batch == 1 else "; per image " + ", ".join(f"{b:.2f}" for b in case["beta_per_image"])
             for what in args.what:
                 cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)
                 grad = torch.enable_grad if what == "train" else torch.inference_mode
@@ -280,7 +282,7 @@ def main(argv=None):
                 case[what] = row
                 print(
                     f"{what:8s} {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
-                    f"DGE {row['dge']['median_ms']:.1f} ms (β = {beta:.3f}) -> ratio {row['ratio']:.3f}",
+                    f"DGE {row['dge']['median_ms']:.1f} ms (β = {beta:.3f}{per_image}) -> ratio {row['ratio']:.3f}",
                     flush=True,
                 )
             results["cases"].append(case)

@@ -204,15 +204,15 @@ class QueryRows:
     def segments(self):
         """The rows cut into segments that each belong to one image, for attention that pads:
         -> (QueryRows whose "images" are the segments, [S] long image of each segment), or
-        (self, None) when nothing would be padded. Segments have L = max(MIN_SEGMENT_ROWS,
+        (self, None) when each image is one segment. Segments have L = max(MIN_SEGMENT_ROWS,
         ceil(M / SEGMENTS_PER_IMAGE)) rows (an image's last one may be shorter), so an image
         pads fewer than L rows instead of up to M; each segment needs its image's keys (a
         copy of them)."""
         if self.padded_index is None:
             return self, None
         length = max(MIN_SEGMENT_ROWS, -(-self.max_rows // SEGMENTS_PER_IMAGE))
-        if length >= self.max_rows:
-            return self, torch.arange(self.batch, device=self.counts.device)
+        if length >= self.max_rows:  # one segment per image: the images' own keys
+            return self, None
         per_image = (self.counts + length - 1) // length
         num_segments = int(per_image.sum())
         images = torch.arange(self.batch, device=self.counts.device).repeat_interleave(
