@@ -124,9 +124,10 @@ class SpatialReductionAttention(MultiHeadBase):
         shape = queries.shape
         k, v = self.keys_values(context, hw)
         q = self.q(queries)
+        segments = None
         if rows is not None:  # pad per segment of one image's rows; each gets its image's keys
-            rows, images = rows.segments()
-            q = rows.pad(q.view(-1, self.dim))
+            segments, images = rows.segments()
+            q = segments.pad(q.view(-1, self.dim))
             if images is not None:
                 k, v = k.index_select(0, images), v.index_select(0, images)
         b, m, c = q.shape
@@ -134,8 +135,8 @@ class SpatialReductionAttention(MultiHeadBase):
         drop = self.attn_drop if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         x = x.transpose(1, 2).reshape(b, m, c)
-        if rows is not None:
-            x = rows.unpad(x).view(shape)
+        if segments is not None:
+            x = segments.unpad(x).view(shape)
         return self.proj_drop(self.proj(x))
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
