@@ -224,6 +224,16 @@ def test_attention_in_segments_equals_images_alone(monkeypatch, segment_rows):
             assert (dge(x[i : i + 1], hw, gmap[i : i + 1])[0] - out[i]).abs().max() < 1e-5
 
 
+def test_scale_grad_scales_only_the_gradient():
+    x = torch.randn(5, requires_grad=True)
+    y = attention_module.scale_grad(x, 0.1)
+    assert torch.equal(y, x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, torch.full_like(x, 0.1))
+    with torch.no_grad():  # nothing to scale: the input itself, no arithmetic
+        assert attention_module.scale_grad(x, 0.1) is x
+
+
 def test_query_rows_pad_and_unpad():
     rows = QueryRows(torch.tensor([2, 0, 3]), max_rows=3, total=5)
     packed = torch.arange(1.0, 6.0)[:, None]

@@ -44,10 +44,11 @@ def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device:
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward, gradient multiplied by ``scale`` backward."""
-    if scale == 1.0:
+    """Identity forward, gradient multiplied by ``scale`` backward (no arithmetic when no
+    gradient flows, e.g. at inference)."""
+    if scale == 1.0 or not (torch.is_grad_enabled() and x.requires_grad):
         return x
-    return x * scale + x.detach() * (1.0 - scale)
+    return x.detach() + (x - x.detach()) * scale  # forward: exactly x
 
 
 class MultiHeadBase(nn.Module):
