@@ -287,8 +287,8 @@ def pack_queries(
     sources = []
     offset = 0
     token_rows = torch.full((b, n), total, dtype=torch.long, device=device)
-    region_base = torch.arange(b, device=device) * layout.num_regions
-    query_regions = region_base.repeat_interleave(counts, output_size=total)
+    query_rows = QueryRows(counts, max_queries + num_extra, total)
+    query_regions = query_rows.image_index * layout.num_regions  # + the region, below
     for g, sel in zip(order, selected):
         grid = layout.grids[g]
         t = sel.shape[1]
@@ -308,7 +308,7 @@ def pack_queries(
         token_rows=token_rows.view(-1),
         query_regions=query_regions,
         extra_rows=extra_rows,
-        rows=QueryRows(counts, max_queries + num_extra, total),
+        rows=query_rows,
         has_skipped=has_skipped,
     )
 
