@@ -165,6 +165,16 @@ SEGMENTS_PER_IMAGE = 8
 MIN_SEGMENT_ROWS = 256
 
 
+def _owners(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """[total] long: i repeated counts[i] times (the owner of each of ``total`` items)."""
+    return torch.arange(counts.shape[0], device=counts.device).repeat_interleave(counts, output_size=total)
+
+
+def _starts(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative sum: where each owner's items begin."""
+    return torch.cumsum(counts, 0) - counts
+
+
 @dataclass
 class QueryRows:
     """Where the rows of a packed query tensor sit in an image batch.
@@ -186,10 +196,14 @@ class QueryRows:
         return self.counts.shape[0]
 
     @functools.cached_property
+    def starts(self) -> torch.Tensor:
+        """[B] long: the first packed row of each image."""
+        return _starts(self.counts)
+
+    @functools.cached_property
     def image_index(self) -> torch.Tensor:
         """[T] long: the image of each row."""
-        images = torch.arange(self.batch, device=self.counts.device)
-        return images.repeat_interleave(self.counts, output_size=self.total)
+        return _owners(self.counts, self.total)
 
     @functools.cached_property
     def padded_index(self) -> Optional[torch.Tensor]:
@@ -197,9 +211,8 @@ class QueryRows:
         there is no padding (the packed rows already are that batch)."""
         if self.total == self.batch * self.max_rows:
             return None
-        starts = torch.cumsum(self.counts, 0) - self.counts
         image = self.image_index
-        return torch.arange(self.total, device=image.device) + (image * self.max_rows - starts[image])
+        return torch.arange(self.total, device=image.device) + (image * self.max_rows - self.starts[image])
 
     def segments(self):
         """The rows cut into segments that each belong to one image, for attention that pads:
@@ -215,10 +228,8 @@ class QueryRows:
             return self, None
         per_image = (self.counts + length - 1) // length
         num_segments = int(per_image.sum())
-        images = torch.arange(self.batch, device=self.counts.device).repeat_interleave(
-            per_image, output_size=num_segments
-        )
-        first = torch.cumsum(per_image, 0) - per_image  # first segment of each image
+        images = _owners(per_image, num_segments)
+        first = _starts(per_image)  # first segment of each image
         done = (torch.arange(num_segments, device=images.device) - first[images]) * length
         counts = torch.clamp(self.counts[images] - done, max=length)
         return QueryRows(counts, length, self.total), images
@@ -278,16 +289,15 @@ def pack_queries(
     sel_all = torch.cat(selected, dim=1)  # [B, T_patches]
     num_queries = sel_all.sum(dim=1)
     counts = num_queries + num_extra
-    starts = torch.cumsum(counts, 0) - counts
     limits = torch.stack([num_queries.max(), counts.sum()]).tolist()  # one device sync
     max_queries, total = int(limits[0]), int(limits[1])
+    query_rows = QueryRows(counts, max_queries + num_extra, total)
     # Packed row of each selected patch: its image's segment, after the extra tokens.
-    pos = torch.cumsum(sel_all, dim=1) + (starts + (num_extra - 1))[:, None]
+    pos = torch.cumsum(sel_all, dim=1) + (query_rows.starts + (num_extra - 1))[:, None]
 
     sources = []
     offset = 0
     token_rows = torch.full((b, n), total, dtype=torch.long, device=device)
-    query_rows = QueryRows(counts, max_queries + num_extra, total)
     query_regions = query_rows.image_index * layout.num_regions  # + the region, below
     for g, sel in zip(order, selected):
         grid = layout.grids[g]
@@ -299,7 +309,7 @@ def pack_queries(
         rows = pos[:, offset:offset + t].gather(1, grid.token_patch[None].expand(b, n))
         token_rows = torch.where(token_granularity == g, rows, token_rows)
         offset += t
-    extra_rows = (starts[:, None] + torch.arange(num_extra, device=device)).reshape(-1)
+    extra_rows = (query_rows.starts[:, None] + torch.arange(num_extra, device=device)).reshape(-1)
     has_skipped = 0 in granularities and bool((token_granularity == 0).any())
     return QueryPacking(
         num_queries=num_queries,
