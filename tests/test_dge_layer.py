@@ -466,3 +466,48 @@ def test_vanilla_block_weights_load_into_the_dge_wrapper():
     assert sorted(result.missing_keys) == ["router.gate.bias", "router.gate.weight"]
     assert not result.unexpected_keys
     assert torch.equal(dge.block.attn.q.weight, block.attn.q.weight)
+
+
+def _host_syncs(fn) -> int:
+    """Values the host reads from tensors while ``fn`` runs (torch profiler on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")
+    return sum(1 for event in prof.events() if event.name in names)
+
+
+@pytest.mark.parametrize("kind, phi, extra", [("pvt", (1, 2, 4), 0), ("deformable", (1, 2, 4), 0), ("global", (0, 1, 2), 1)])
+def test_batch_1_inference_of_a_block_reads_one_value_from_the_device(kind, phi, extra):
+    """The query count comes from the shape of one nonzero: no other host sync at batch 1
+    (a GPU waits for each one)."""
+    dge = DynamicGrainedEncoder(make_block(kind, seed=3), C, granularities=phi, num_extra_tokens=extra).eval()
+    torch.nn.init.normal_(dge.router.gate.weight, std=1.0)  # mixed routing
+    torch.nn.init.zeros_(dge.router.gate.bias)
+    hw = (13, 18)
+    x = torch.randn(1, extra + hw[0] * hw[1], C)
+    with torch.no_grad():
+        dge(x, hw)
+        assert len(dge.last_routing.granularity_map.unique()) == len(phi)
+        assert _host_syncs(lambda: dge(x, hw)) == 1
+
+
+def test_the_all_fine_shortcut_equals_the_tensor_program(monkeypatch):
+    """Eager inference runs the plain block when every query is one token; a graph capture
+    runs the general gather / un-pool program. Both give the same tokens."""
+    from dge.layers import encoder as encoder_module
+
+    block = make_block("pvt", seed=4)
+    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    hw = (13, 18)
+    x = torch.randn(1, hw[0] * hw[1], C)
+    ones = torch.ones(1, 4, 5, dtype=torch.long)
+    calls = []
+    block.register_forward_hook(lambda m, i, o: calls.append(i[0] is i[1]))
+    with torch.no_grad():
+        eager = dge(x, hw, ones)
+        monkeypatch.setattr(encoder_module, "is_capturing", lambda: True)
+        program = dge(x, hw, ones)
+    assert calls == [True, False]  # the plain call block(x, x, ...), then packed queries
+    assert (eager - program).abs().max() < 1e-5

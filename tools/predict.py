@@ -45,7 +45,7 @@ def main(argv=None):
     for name, bgr in tqdm.tqdm(list(iter_images(inputs, args.dataset, args.max_images)), desc="predict"):
         out = predictor(bgr)
         vis = Visualizer(bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-        record = {"beta": out.get("dge", {}).get("beta")}
+        record = {"beta": float(out["dge"]["beta"]) if "dge" in out else None}
         if "instances" in out:
             instances = out["instances"].to("cpu")
             instances = instances[instances.scores >= args.confidence_threshold]

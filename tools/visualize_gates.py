@@ -52,7 +52,7 @@ def main(argv=None):
         stages = stage_gate_maps(model.backbone, padded)
         if not stages:
             raise ValueError(f"the model of {args.config_file} has no DGE blocks (MODEL.DGE.ENABLED is off)")
-        stats = predictions.get("dge", {})
+        stats = {k: float(v) for k, v in predictions.get("dge", {}).items()}
         title = f"{name}: β = {stats.get('beta', float('nan')):.2f}"
         fig = render_gate_figure(resized[:, :, ::-1], stages, title=title)
         path = os.path.join(args.output, f"{name}_gates.png")

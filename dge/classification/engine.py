@@ -10,8 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..analysis import FlopCountAnalysis
-from ..layers import DynamicGrainedEncoder, budget_loss, complexity_report
-from ..modeling.meta_arch import routing_stats
+from ..layers import DynamicGrainedEncoder, budget_loss, complexity_report, routing_stats
 from .distributed import all_reduce_sums
 
 __all__ = ["unwrap", "outside_dge_flops", "train_one_epoch", "evaluate"]

@@ -24,7 +24,7 @@ class DGEStatsEvaluator(DatasetEvaluator):
         self._values = []
 
     def process(self, inputs, outputs):
-        self._values.extend(out["dge"] for out in outputs if "dge" in out)
+        self._values.extend({k: float(v) for k, v in out["dge"].items()} for out in outputs if "dge" in out)
 
     def evaluate(self):
         values = self._values

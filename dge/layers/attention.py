@@ -35,12 +35,12 @@ def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device:
     stays in cache instead of making a round trip through memory, and no huge buffer is
     allocated per call (glibc maps and zero-fills every allocation above 32 MB). A GPU runs
     the whole matrix in one kernel."""
+    if device.type != "cpu" or module.training or torch.is_grad_enabled():
+        return 0
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # a graph: no loop over a dynamic size
+        return 0
     tile = max(1, TILE_ELEMENTS // max(1, elements_per_row))
-    if device.type != "cpu" or rows <= 2 * tile:
-        return 0
-    if module.training or torch.is_grad_enabled() or torch.jit.is_tracing():
-        return 0
-    return tile
+    return tile if rows > 2 * tile else 0
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:

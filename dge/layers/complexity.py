@@ -1,14 +1,14 @@
 """Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model."""
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .encoder import DynamicGrainedEncoder
 
-__all__ = ["ComplexityReport", "dge_modules", "dge_stages", "complexity_report", "budget_loss"]
+__all__ = ["ComplexityReport", "dge_modules", "dge_stages", "complexity_report", "routing_stats", "budget_loss"]
 
 
 def dge_modules(model: nn.Module) -> List[DynamicGrainedEncoder]:
@@ -69,6 +69,26 @@ def complexity_report(model_or_blocks: Union[nn.Module, Iterable[DynamicGrainedE
         static_flops=static,
         names=[n for n, _ in named],
     )
+
+
+def routing_stats(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """Per-image statistics of the last forward of the DGE blocks in ``model``:
+    ``beta`` [B], ``beta_stage{k}`` [B] (k = 1.. in forward order) and ``share_phi{g}`` [B],
+    the share of regions at granularity g. None when the model has no DGE block."""
+    stages = dge_stages(model)
+    if not stages:
+        return None
+    report = complexity_report(model)
+    stats = OrderedDict(beta=report.beta)
+    for k, layers in enumerate(stages.values(), start=1):
+        rows = [i for i, _, _ in layers]
+        stats[f"beta_stage{k}"] = report.dynamic_flops[rows].sum(0) / report.static_flops[rows].sum()
+    named = [m for layers in stages.values() for _, _, m in layers]
+    maps = [m.last_routing.granularity_map.flatten(1) for m in named]
+    all_maps = torch.cat(maps, dim=1)
+    for g in sorted({g for m in named for g in m.granularities}):
+        stats[f"share_phi{g}"] = (all_maps == g).float().mean(dim=1)
+    return stats
 
 
 def budget_loss(beta: torch.Tensor, budget: float, weight: float = 1.0) -> torch.Tensor:

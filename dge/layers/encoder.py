@@ -1,16 +1,48 @@
 """The Dynamic Grained Encoder (Sec. 3.2): sparse queries for any vanilla encoder block."""
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from .grained import PatchPooler, StaticLayout, gather_queries, pack_queries, static_layout, unpack_tokens
+from .grained import (
+    PatchPooler,
+    StaticLayout,
+    gather_queries,
+    pack_queries,
+    query_sources,
+    static_layout,
+    unpack_tokens,
+)
 from .router import GrainedRouter
 
-__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS"]
+__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS", "is_capturing", "specialize_to_input"]
 
 ROUTING_KINDS = ("region", "layer")
+_specialized = [False]  # inside specialize_to_input()
+
+
+def is_capturing() -> bool:
+    """Whether the code runs under a graph capture (``torch.jit.trace``, ``torch.export``,
+    ``torch.compile``): then nothing may depend on a tensor's value on the host."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def specialize_to_input() -> Iterator[None]:
+    """While active, a trace may take the eager shortcuts that depend on the traced input's
+    routing (every query one token: the plain block; every region skipped: the identity), so
+    that its graph is the one eager inference runs on that input. For analyses that trace
+    each image on its own (fvcore's FLOP count), never for export: such a graph holds only
+    for inputs that are routed the same."""
+    _specialized[0], previous = True, _specialized[0]
+    try:
+        yield
+    finally:
+        _specialized[0] = previous
 
 
 @dataclass
@@ -136,7 +168,8 @@ class DynamicGrainedEncoder(nn.Module):
     # ------------------------------------------------------------------ routing
     def layout(self, hw: Tuple[int, int], device) -> StaticLayout:
         region = self.region_size if self.routing == "region" else None
-        return static_layout(hw[0], hw[1], self.granularities, region, torch.device(device))
+        with unset_fake_temporarily():  # real tensors, also under torch.export: constants of its graph
+            return static_layout(hw[0], hw[1], self.granularities, region, torch.device(device), self.num_extra_tokens)
 
     def _check_map(self, granularity_map: torch.Tensor, batch: int, layout: StaticLayout) -> torch.Tensor:
         hr, wr = layout.regions_hw
@@ -146,7 +179,7 @@ class DynamicGrainedEncoder(nn.Module):
                 f"got {list(granularity_map.shape)}"
             )
         gmap = granularity_map.to(device=self._phi.device, dtype=torch.long)
-        if not torch.isin(gmap, self._phi).all():
+        if not is_capturing() and not torch.isin(gmap, self._phi).all():
             bad = sorted(set(gmap.unique().tolist()) - set(self.granularities))
             raise ValueError(f"granularity_map values must be in {self.granularities}; got {bad}")
         return gmap
@@ -181,26 +214,27 @@ class DynamicGrainedEncoder(nn.Module):
         probs = None
         if granularity_map is not None:
             gmap = self._check_map(granularity_map, b, layout)
+            index = torch.searchsorted(self._phi, gmap)  # Φ is ascending
         elif self.router is None:
-            gmap = self._phi.new_full((b,) + layout.regions_hw, self.granularities[0])
+            index = self._phi.new_zeros((b,) + layout.regions_hw)
+            gmap = self._phi[index]
         else:
             index, probs = self._route(spatial, pooled, layout)
             gmap = self._phi[index]
-        region_g = gmap.view(b, -1)
+        choice = index.view(b, -1)
         # Straight-through factor per region (Eq. 6): 1 forward, gradient p_i backward.
         chosen_p = None if probs is None else probs.gather(-1, index[..., None]).view(b, -1)
 
-        # ψ of Eq. 7: valid patches of the chosen granularity per region.
-        per_region = torch.zeros_like(region_g, dtype=x.dtype)
-        for g in self.granularities:
-            if g > 0:
-                per_region = torch.where(region_g == g, layout.grids[g].region_num_patches.to(x.dtype), per_region)
-
         if self.training and self.dense_train and probs is not None:
-            out = self._forward_dense(x, spatial, pooled, layout, index, probs, hw)
-            num_queries = per_region.sum(dim=1).long()
+            out = self._forward_dense(x, pooled, layout, choice, probs, hw)
+            num_queries = None
         else:
-            out, num_queries = self._forward_sparse(x, spatial, pooled, layout, region_g, chosen_p, hw)
+            out, num_queries = self._forward_sparse(x, pooled, layout, choice, chosen_p, hw)
+        if chosen_p is not None or num_queries is None:
+            # ψ of Eq. 7: valid patches of the chosen granularity per region.
+            per_region = torch.take_along_dim(layout.region_num_patches.to(x.dtype)[None], choice[:, None], 1)[:, 0]
+        if num_queries is None:
+            num_queries = per_region.sum(dim=1).long()
         query_count = num_queries.to(x.dtype)
         if chosen_p is not None:
             soft = (chosen_p * per_region).sum(dim=1)
@@ -216,54 +250,74 @@ class DynamicGrainedEncoder(nn.Module):
         )
         return out
 
-    def _forward_sparse(self, x, spatial, pooled, layout, region_g, chosen_p, hw):
-        b, _, c = x.shape
+    def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
+        """The vanilla block on every token (what all-φ=1 routing computes)."""
+        b, e = x.shape[0], self.num_extra_tokens
+        centers = layout.token_centers.to(x.dtype).expand(b, -1, -1)
+        if e:
+            centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
+        return self.block(x, x, hw, centers)
+
+    def _forward_sparse(self, x, pooled, layout, choice, chosen_p, hw):
+        b, n, c = x.shape
         e = self.num_extra_tokens
-        g_min, g_max = torch.aminmax(region_g)
-        uniform = int(g_min) if int(g_min) == int(g_max) else None
-        if uniform == 1 and chosen_p is None:
-            # Every patch is one token: exactly the vanilla block (no gather, no scatter).
-            centers = layout.token_centers.to(x.dtype).expand(b, -1, -1)
-            if e:
-                centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
-            num_queries = torch.full((b,), layout.hw[0] * layout.hw[1], device=x.device, dtype=torch.long)
-            return self.block(x, x, hw, centers), num_queries
-        packing = pack_queries(layout, region_g, self.granularities, num_extra=e)
-        if packing.max_queries == 0 and e == 0:
-            return x, packing.num_queries
+        if b > 1 and is_capturing() and not _specialized[0]:
+            raise RuntimeError(
+                f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
+                f"image with most queries, a size read from the device); got batch {b}"
+            )
+        packing = pack_queries(layout, choice)
+        if _specialized[0] or not is_capturing():
+            # Eager shortcuts, decided on the query count (a shape, known without a sync).
+            total = packing.rows.total
+            if isinstance(total, torch.Tensor):  # a size some tracers record as a tensor
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    total = int(total)  # specialized: the traced input's count is meant
+            if chosen_p is None and total == b * n:
+                # Every query is one token: exactly the vanilla block (no gather, no scatter).
+                return self._plain_block(x, hw, layout), packing.num_queries
+            if total == 0:  # every region skipped
+                return x, packing.num_queries
         # Packed rows of all images (each image's extra tokens, then its queries).
-        queries, centers = gather_queries(packing, pooled, layout, x[:, :e] if e else None)
-        y = self.block(queries[None], x, hw, centers[None], packing.rows)[0]
-        extra_out = y.index_select(0, packing.extra_rows).view(b, e, c) if e else None
+        queries, centers = gather_queries(packing, query_sources(x, pooled, self.granularities))
+        y = self.block(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
+        extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
         if chosen_p is not None:
-            st = (1.0 + chosen_p - chosen_p.detach()).reshape(-1)  # Eq. 6
-            delta = delta * st.index_select(0, packing.query_regions)[:, None]
-        out = unpack_tokens(spatial, delta, packing)
+            st = 1.0 + chosen_p - chosen_p.detach()  # Eq. 6
+            st = torch.cat([st, st.new_ones(b, 1)], dim=1).reshape(-1)  # region R: the extra tokens
+            delta = delta * st.index_select(0, packing.query_regions())[:, None]
+        out = unpack_tokens(x[:, e:], delta, packing)
         return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
 
-    def _forward_dense(self, x, spatial, pooled, layout, index, probs, hw):
+    def _forward_dense(self, x, pooled, layout, choice, probs, hw):
         """All K granularities computed and mixed by the one-hot straight-through gate. Their
         queries go through the block together, in one call: the key/value side is the same
         for every query layout and is computed once (queries attend to the context only)."""
         b, _, c = x.shape
         e = self.num_extra_tokens
+        index = choice.view(probs.shape[:-1])
         hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
         gate = (hard - probs.detach() + probs).view(b, -1, len(self.granularities))
-        parts = []  # (k, packing, queries [B, M_g, C], centers) per nonzero granularity
+        gate = torch.cat([gate, gate.new_ones(b, 1, gate.shape[-1])], dim=1)  # region R: the extra tokens
+        sources = query_sources(x, pooled, self.granularities)
+        parts = []  # (k, packing, queries [B, E + M_k, C], centers) per nonzero granularity
         for k, g in enumerate(self.granularities):
             if g > 0:
-                # Every image has the same M_g queries: the packed rows are a [B, M_g] batch.
-                packing = pack_queries(layout, torch.full_like(index.view(b, -1), g), self.granularities)
-                queries, centers = gather_queries(packing, pooled, layout)
+                # Every image has the same E + M_k rows: the packed rows are a [B, E + M_k] batch.
+                packing = pack_queries(layout, torch.full_like(choice, k))
+                queries, centers = gather_queries(packing, sources)
                 parts.append((k, packing, queries.view(b, -1, c), centers.view(b, -1, 2)))
-        queries = torch.cat([x[:, :e]] + [q for _, _, q, _ in parts], dim=1)
-        centers = torch.cat([x.new_zeros(b, e, 2)] + [ct for _, _, _, ct in parts], dim=1)
+        # The block sees each image's extra tokens once, then every granularity's queries.
+        queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
+        centers = torch.cat([x.new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
         y = self.block(queries, x, hw, centers)
-        deltas = (y - queries)[:, e:].split([q.shape[1] for _, _, q, _ in parts], dim=1)
-        out = spatial
+        deltas = (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
+        out = x[:, e:]
         for (k, packing, _, _), delta in zip(parts, deltas):
-            weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions).view(b, -1, 1)
+            weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions()).view(b, -1, 1)
+            delta = torch.cat([delta.new_zeros(b, e, c), delta], dim=1) if e else delta  # rows of the extra tokens
             out = unpack_tokens(out, delta * weight, packing)
         return torch.cat([y[:, :e], out], dim=1) if e else out

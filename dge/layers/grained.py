@@ -7,22 +7,29 @@ Terms (token units of the H×W feature map, padded bottom/right to Hp×Wp, footn
 * patch: a φ×φ window inside a region; it becomes one query, the mean of its *valid*
   (unpadded) tokens, centred at the mean of their centres. Patches entirely in padding
   make no query, so an all-φ=1 layout has exactly the H·W queries of the vanilla block;
-* φ = 0: the region makes no query and its tokens pass through unchanged.
+* φ = 0: the region makes no query and its tokens pass through unchanged;
+* slot: a place a query can come from: one of the E extra tokens (e.g. a class token,
+  always a query) or one patch of one nonzero φ. ``StaticLayout.slots`` lists them all.
 
-``StaticLayout`` holds everything that depends only on (H, W, Φ, region size): built once
-per feature-map size and cached. ``pack_queries`` / ``unpack_tokens`` do the per-batch
-work with index arithmetic on whole tensors: no loop over images or regions. The queries of
-a batch are packed row after row (``QueryRows``): images with fewer queries do less work,
-also in a batch (only attention pads, per short segment of one image's rows).
+``StaticLayout`` holds everything that depends only on (H, W, Φ, region size, E): built
+once per feature-map size and cached. ``pack_queries`` / ``gather_queries`` /
+``unpack_tokens`` do the per-batch work as one tensor program: the data-dependent size (how
+many queries each image keeps) comes from the shape of one ``nonzero`` over the selected
+slots, never from a value the host reads. So the same code runs eagerly, under
+``torch.jit.trace`` and under ``torch.export`` (the query count is a dynamic size there),
+and at batch 1 a block reads nothing back from the device. The queries of a batch are packed
+row after row (``QueryRows``): images with fewer queries do less work, also in a batch (only
+attention pads, per short segment of one image's rows).
 """
 import functools
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch.nn import functional as F
 
 __all__ = [
+    "SlotTable",
     "StaticLayout",
     "static_layout",
     "token_centers",
@@ -30,6 +37,7 @@ __all__ = [
     "QueryRows",
     "QueryPacking",
     "pack_queries",
+    "query_sources",
     "gather_queries",
     "unpack_tokens",
 ]
@@ -40,19 +48,25 @@ def _ceil_to(n: int, m: int) -> int:
 
 
 @dataclass
-class PatchGrid:
-    """Patches of one granularity φ over the padded map; indices are row-major in the
-    (Hp/φ)×(Wp/φ) grid."""
+class SlotTable:
+    """Every slot of a layout: the E extra tokens, then for each nonzero φ (in Φ's order)
+    the patches of its (Hp/φ)×(Wp/φ) grid, row-major. S = E + Σ_φ (Hp/φ)(Wp/φ).
 
-    granularity: int
-    grid_hw: Tuple[int, int]
-    valid: torch.Tensor  # [Gh*Gw] bool: patches with >= 1 valid token
-    centers: torch.Tensor  # [Gh*Gw, 2] float: (y, x) mean of valid token centres
-    patch_region: torch.Tensor  # [Gh*Gw] long: region of each patch
-    token_patch: torch.Tensor  # [H*W] long: patch of each token
-    region_num_patches: torch.Tensor  # [R] float: valid patches per region
-    pooled_index: torch.Tensor  # [Gh*Gw] long: row of a valid patch in PatchPooler[φ] (0 if invalid)
-    pooled_size: int  # rows of PatchPooler[φ] per image: ceil(H/φ)·ceil(W/φ)
+    A slot is a query of an image when the image's choice (index into Φ) of the slot's
+    region equals ``choice``; extra tokens sit in region R, whose choice is always -1.
+    Queries are read from an image's *source rows*: its E + H·W tokens, then the means of
+    each coarse φ's patches (``query_sources``)."""
+
+    choice: torch.Tensor  # [S] long: index in Φ that selects the slot; -1 extra tokens; -2 never (padding)
+    region: torch.Tensor  # [S] long: region of the slot (R for extra tokens)
+    source: torch.Tensor  # [S] long: row of the slot's query among one image's source rows
+    centers: torch.Tensor  # [S, 2] float (y, x): mean of the valid token centres (0 for extra tokens)
+    num_sources: int  # source rows per image: E + H·W + Σ_{φ>1} ceil(H/φ)·ceil(W/φ)
+    token_slot: torch.Tensor  # [K·H·W] long: row k·HW + t is token t's slot under choice k (0 for φ = 0)
+
+    @property
+    def num_slots(self) -> int:
+        return self.choice.shape[0]
 
 
 @dataclass
@@ -60,9 +74,12 @@ class StaticLayout:
     hw: Tuple[int, int]
     region_hw: Tuple[int, int]  # (Rh, Rw) tokens per region
     regions_hw: Tuple[int, int]  # (Hr, Wr) regions
+    num_extra: int  # E extra tokens
+    skip_choice: Optional[int]  # index of φ = 0 in Φ, None when Φ has no 0
     token_region: torch.Tensor  # [H*W] long
     token_centers: torch.Tensor  # [H*W, 2] float (y, x), see token_centers()
-    grids: Dict[int, PatchGrid]  # nonzero φ -> its patches
+    region_num_patches: torch.Tensor  # [K, R] float: valid patches of each region under each choice
+    slots: SlotTable
 
     @property
     def num_regions(self) -> int:
@@ -79,10 +96,16 @@ def token_centers(h: int, w: int, device=None, dtype=torch.float32) -> torch.Ten
 
 @functools.lru_cache(maxsize=128)
 def static_layout(
-    h: int, w: int, granularities: Tuple[int, ...], region_size: Optional[int], device: torch.device
+    h: int,
+    w: int,
+    granularities: Tuple[int, ...],
+    region_size: Optional[int],
+    device: torch.device,
+    num_extra: int = 0,
 ) -> StaticLayout:
-    """The layout of an h×w map for the nonzero ``granularities``; ``region_size`` None means
-    one region covering the whole map (layer-wise routing), padded to max(Φ)."""
+    """The layout of an h×w map (with ``num_extra`` leading extra tokens) for Φ =
+    ``granularities``; ``region_size`` None means one region covering the whole map
+    (layer-wise routing), padded to max(Φ)."""
     nonzero = [g for g in granularities if g > 0]
     if region_size is None:
         unit = max(nonzero) if nonzero else 1
@@ -92,12 +115,24 @@ def static_layout(
         hp, wp = _ceil_to(h, region_size), _ceil_to(w, region_size)
         rh = rw = region_size
     hr, wr = hp // rh, wp // rw
+    num_regions, n = hr * wr, h * w
     ii = torch.arange(h, device=device)
     jj = torch.arange(w, device=device)
     token_region = ((ii[:, None] // rh) * wr + (jj[None, :] // rw)).reshape(-1)
 
-    grids = {}
-    for g in nonzero:
+    long_zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
+    # Slots: the extra tokens (region R, always chosen), then the patches of each nonzero φ.
+    choice = [torch.full((num_extra,), -1, dtype=torch.long, device=device)]
+    region = [torch.full((num_extra,), num_regions, dtype=torch.long, device=device)]
+    source = [torch.arange(num_extra, device=device)]
+    centers = [torch.zeros(num_extra, 2, device=device)]
+    token_slot = []
+    region_num_patches = torch.zeros(len(granularities), num_regions, device=device)
+    first_slot, coarse_rows = num_extra, num_extra + n
+    for k, g in enumerate(granularities):
+        if g == 0:
+            token_slot.append(long_zeros(n))  # never read: φ = 0 tokens take the zero row
+            continue
         gh, gw = hp // g, wp // g
         # Valid tokens per patch along each axis, then their centre (mean of i + 0.5).
         py = torch.arange(gh, device=device)
@@ -106,33 +141,40 @@ def static_layout(
         nx = (torch.clamp(w - px * g, min=0, max=g)).to(torch.float32)
         cy = py * g + ny / 2.0
         cx = px * g + nx / 2.0
-        centers = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).reshape(-1, 2)
+        centers.append(torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).reshape(-1, 2))
         patch_region = ((py[:, None] * g // rh) * wr + (px[None, :] * g // rw)).reshape(-1)
         valid = (ny[:, None] * nx[None, :]).reshape(-1) > 0
-        token_patch = ((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1)
-        region_num_patches = torch.bincount(patch_region[valid], minlength=hr * wr).to(torch.float32)
-        # PatchPooler[g] holds the unpadded ceil(h/g)×ceil(w/g) grid: a valid patch (py, px)
-        # is its row py·ceil(w/g) + px.
+        choice.append(torch.where(valid, k, -2))
+        region.append(patch_region)
+        region_num_patches[k] = torch.bincount(patch_region[valid], minlength=num_regions).to(torch.float32)
+        # Source rows: φ = 1 patches are the tokens; a coarse φ's patch (py, px) is row
+        # py·ceil(w/φ) + px of its pooled map (the unpadded ceil(h/φ)×ceil(w/φ) grid).
         pooled_w = -(-w // g)
-        pooled_index = torch.where(valid, (py[:, None] * pooled_w + px[None, :]).reshape(-1), 0)
-        grids[g] = PatchGrid(
-            granularity=g,
-            grid_hw=(gh, gw),
-            valid=valid,
-            centers=centers,
-            patch_region=patch_region,
-            token_patch=token_patch,
-            region_num_patches=region_num_patches,
-            pooled_index=pooled_index,
-            pooled_size=-(-h // g) * pooled_w,
-        )
+        pooled = (py[:, None] * pooled_w + px[None, :]).reshape(-1)
+        base = num_extra if g == 1 else coarse_rows
+        source.append(torch.where(valid, base + pooled, 0))
+        if g > 1:
+            coarse_rows += -(-h // g) * pooled_w
+        token_slot.append(first_slot + ((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1))
+        first_slot += gh * gw
+    slots = SlotTable(
+        choice=torch.cat(choice),
+        region=torch.cat(region),
+        source=torch.cat(source),
+        centers=torch.cat(centers),
+        num_sources=coarse_rows,
+        token_slot=torch.cat(token_slot),
+    )
     return StaticLayout(
         hw=(h, w),
         region_hw=(rh, rw),
         regions_hw=(hr, wr),
+        num_extra=num_extra,
+        skip_choice=granularities.index(0) if 0 in granularities else None,
         token_region=token_region,
         token_centers=token_centers(h, w, device),
-        grids=grids,
+        region_num_patches=region_num_patches,
+        slots=slots,
     )
 
 
@@ -175,7 +217,12 @@ def _starts(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-@dataclass
+def _segment_length(max_rows):
+    """L = max(MIN_SEGMENT_ROWS, ceil(M / SEGMENTS_PER_IMAGE)), for an int or a tensor M."""
+    length = (max_rows + SEGMENTS_PER_IMAGE - 1) // SEGMENTS_PER_IMAGE
+    return torch.clamp(length, min=MIN_SEGMENT_ROWS) if isinstance(length, torch.Tensor) else max(MIN_SEGMENT_ROWS, length)
+
+
 class QueryRows:
     """Where the rows of a packed query tensor sit in an image batch.
 
@@ -185,15 +232,36 @@ class QueryRows:
     to the image's keys) pads the rows to [B, M, ...] (M = max_b M_b, padding rows zero)
     with ``pad``, or to shorter ``segments``, and packs the result back with ``unpad``.
     When every image has M rows the two are views (no copy).
+
+    Args:
+        counts: [B] long, rows of each image.
+        max_rows: M; None reads it from ``counts`` when first needed (one device sync,
+            shared with the segment count; one image needs none: M = T).
+        total: T.
     """
 
-    counts: torch.Tensor  # [B] long, rows of each image
-    max_rows: int  # M
-    total: int  # T
+    def __init__(self, counts: torch.Tensor, max_rows: Optional[int], total: int):
+        self.counts = counts
+        self.total = total
+        self._max_rows = total if max_rows is None and counts.shape[0] == 1 else max_rows
 
     @property
     def batch(self) -> int:
         return self.counts.shape[0]
+
+    @functools.cached_property
+    def _limits(self) -> Tuple[int, int]:
+        """(M, number of segments of ``segments``), read from the device in one sync."""
+        m = self.counts.max() if self._max_rows is None else self.counts.new_tensor(self._max_rows)
+        length = _segment_length(m)
+        num_segments = ((self.counts + length - 1) // length).sum()
+        m, num_segments = torch.stack([m, num_segments]).tolist()
+        return int(m), int(num_segments)
+
+    @property
+    def max_rows(self) -> int:
+        """M = max_b M_b."""
+        return self._max_rows if self._max_rows is not None else self._limits[0]
 
     @functools.cached_property
     def starts(self) -> torch.Tensor:
@@ -209,7 +277,7 @@ class QueryRows:
     def padded_index(self) -> Optional[torch.Tensor]:
         """[T] long: the row of each packed row in the flat padded [B*M] batch; None when
         there is no padding (the packed rows already are that batch)."""
-        if self.total == self.batch * self.max_rows:
+        if self.batch == 1 or self.total == self.batch * self.max_rows:
             return None
         image = self.image_index
         return torch.arange(self.total, device=image.device) + (image * self.max_rows - self.starts[image])
@@ -223,11 +291,11 @@ class QueryRows:
         copy of them)."""
         if self.padded_index is None:
             return self, None
-        length = max(MIN_SEGMENT_ROWS, -(-self.max_rows // SEGMENTS_PER_IMAGE))
+        length = _segment_length(self.max_rows)
         if length >= self.max_rows:  # one segment per image: the images' own keys
             return self, None
         per_image = (self.counts + length - 1) // length
-        num_segments = int(per_image.sum())
+        num_segments = self._limits[1]
         images = _owners(per_image, num_segments)
         first = _starts(per_image)  # first segment of each image
         done = (torch.arange(num_segments, device=images.device) - first[images]) * length
@@ -250,107 +318,105 @@ class QueryRows:
 
 @dataclass
 class QueryPacking:
-    """Where each image's queries sit in the packed query rows, and each token's query.
+    """Which slots of each image are queries, where they sit in the packed rows, and each
+    token's query. Rows are packed image after image; image b's rows are its E extra
+    tokens, then its spatial queries in slot order (φ after φ, patches row-major)."""
 
-    Rows are packed image after image; image b's segment holds its E extra tokens (e.g. a
-    class token), then its spatial queries."""
-
-    num_queries: torch.Tensor  # [B] long, spatial queries per image
-    max_queries: int  # max_b num_queries
-    # (φ, flat rows of PatchPooler[φ], patch indices in the padded grid, packed dest rows)
-    sources: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    token_rows: torch.Tensor  # [B*H*W] long packed row of each token's query (T for φ = 0)
-    query_regions: torch.Tensor  # [T] long: b*R + region of each row (b*R for extra tokens)
-    extra_rows: torch.Tensor  # [B*E] long packed rows of the extra tokens
+    layout: StaticLayout
+    selected: torch.Tensor  # [B*S] long: flat index b·S + slot of each packed row, in row order
     rows: QueryRows
-    has_skipped: bool  # some tokens have φ = 0 (their row is the extra zero row T)
+    row_of_slot: torch.Tensor  # [B*S] long: packed row of each selected slot (others: the next row)
+    token_rows: torch.Tensor  # [B*H*W] long: packed row of each token's query (T: the zero row, φ = 0)
+    num_queries: torch.Tensor  # [B] long, spatial queries per image
+
+    @property
+    def batch(self) -> int:
+        return self.rows.batch
+
+    def slot_index(self) -> torch.Tensor:
+        """[T] long: the slot of each row."""
+        s = self.layout.slots.num_slots
+        return self.selected if self.batch == 1 else self.selected.remainder(s)
+
+    def image_offsets(self, per_image: int) -> Optional[torch.Tensor]:
+        """[T] long: image of each row × ``per_image`` (None for one image)."""
+        if self.batch == 1:
+            return None
+        return self.selected.div(self.layout.slots.num_slots, rounding_mode="floor") * per_image
+
+    def query_regions(self) -> torch.Tensor:
+        """[T] long: b·R + region of each row (the extra tokens' rows: b·R + R)."""
+        regions = self.layout.slots.region.index_select(0, self.slot_index())
+        offsets = self.image_offsets(self.layout.num_regions + 1)
+        return regions if offsets is None else regions + offsets
+
+    def extra_rows(self) -> torch.Tensor:
+        """[B*E] long: packed rows of the extra tokens."""
+        b, s, e = self.batch, self.layout.slots.num_slots, self.layout.num_extra
+        return self.row_of_slot.view(b, s)[:, :e].reshape(-1)
 
 
-def pack_queries(
-    layout: StaticLayout, region_granularity: torch.Tensor, granularities: Sequence[int], num_extra: int = 0
-) -> QueryPacking:
-    """Index plan for a batch.
+def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
+    """Index plan for a batch, as a tensor program (its one host sync is the ``nonzero``).
 
     Args:
-        region_granularity: [B, R] long, φ chosen for each region.
-        granularities: Φ.
-        num_extra: E extra tokens per image, placed first in each image's segment.
+        choice: [B, R] long, index into Φ of the granularity chosen for each region.
     """
-    b = region_granularity.shape[0]
-    n = layout.token_region.numel()
-    device = region_granularity.device
-    token_granularity = region_granularity[:, layout.token_region]  # [B, H*W]
-    order = [g for g in granularities if g > 0]
-    # A patch becomes a query when its region chose its granularity and it has a valid token.
-    selected = [
-        (region_granularity[:, layout.grids[g].patch_region] == g) & layout.grids[g].valid
-        for g in order
-    ]
-    sel_all = torch.cat(selected, dim=1)  # [B, T_patches]
-    num_queries = sel_all.sum(dim=1)
-    counts = num_queries + num_extra
-    limits = torch.stack([num_queries.max(), counts.sum()]).tolist()  # one device sync
-    max_queries, total = int(limits[0]), int(limits[1])
-    query_rows = QueryRows(counts, max_queries + num_extra, total)
-    # Packed row of each selected patch: its image's segment, after the extra tokens.
-    pos = torch.cumsum(sel_all, dim=1) + (query_rows.starts + (num_extra - 1))[:, None]
-
-    sources = []
-    offset = 0
-    token_rows = torch.full((b, n), total, dtype=torch.long, device=device)
-    query_regions = query_rows.image_index * layout.num_regions  # + the region, below
-    for g, sel in zip(order, selected):
-        grid = layout.grids[g]
-        t = sel.shape[1]
-        bi, pi = sel.nonzero(as_tuple=True)
-        dest = pos[bi, offset + pi]
-        sources.append((g, bi * grid.pooled_size + grid.pooled_index[pi], pi, dest))
-        query_regions.index_add_(0, dest, grid.patch_region[pi])
-        rows = pos[:, offset:offset + t].gather(1, grid.token_patch[None].expand(b, n))
-        token_rows = torch.where(token_granularity == g, rows, token_rows)
-        offset += t
-    extra_rows = (query_rows.starts[:, None] + torch.arange(num_extra, device=device)).reshape(-1)
-    has_skipped = 0 in granularities and bool((token_granularity == 0).any())
+    b, n = choice.shape[0], layout.hw[0] * layout.hw[1]
+    slots = layout.slots
+    s = slots.num_slots
+    # A slot is a query when its region chose its granularity (extra tokens: region R, -1).
+    with_extra = torch.cat([choice, choice.new_full((b, 1), -1)], dim=1)
+    chosen = with_extra.index_select(1, slots.region) == slots.choice  # [B, S]
+    selected = chosen.view(-1).nonzero().squeeze(1)  # [T]: the data-dependent size
+    # Bounds of T for graph captures (torch.export): every image keeps its extra tokens and,
+    # unless Φ has 0, at least one query per region; at most one per token.
+    total = selected.shape[0]
+    if not torch.jit.is_tracing():  # (a trace may hold sizes as tensors)
+        least = layout.num_extra + (layout.num_regions if layout.skip_choice is None else 0)
+        torch._check(total >= b * least)
+        torch._check(total <= b * (layout.num_extra + n))
+    flat = chosen.view(-1).long()
+    row_of_slot = torch.cumsum(flat, 0) - flat  # packed row of each selected slot (in 0..T)
+    counts = chosen.sum(dim=1)
+    # Each token reads the row of its patch under its region's choice.
+    token_choice = choice.index_select(1, layout.token_region)  # [B, H*W]
+    slot = slots.token_slot.index_select(0, (token_choice * n + torch.arange(n, device=choice.device)).view(-1))
+    if b > 1:
+        slot = (slot.view(b, n) + torch.arange(0, b * s, s, device=choice.device)[:, None]).view(-1)
+    token_rows = row_of_slot.index_select(0, slot)
+    if layout.skip_choice is not None:  # φ = 0 tokens read the zero row T
+        token_rows = torch.where(token_choice.view(-1) == layout.skip_choice, counts.sum(), token_rows)
     return QueryPacking(
-        num_queries=num_queries,
-        max_queries=max_queries,
-        sources=sources,
-        token_rows=token_rows.view(-1),
-        query_regions=query_regions,
-        extra_rows=extra_rows,
-        rows=query_rows,
-        has_skipped=has_skipped,
+        layout=layout,
+        selected=selected,
+        rows=QueryRows(counts, None, total),
+        row_of_slot=row_of_slot,
+        token_rows=token_rows,
+        num_queries=counts - layout.num_extra,
     )
 
 
-def gather_queries(
-    packing: QueryPacking, pooled: "PatchPooler", layout: StaticLayout, extra: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def query_sources(x: torch.Tensor, pooled: "PatchPooler", granularities: Sequence[int]) -> torch.Tensor:
+    """[B*num_sources, C]: each image's source rows, image after image: its E + H·W tokens
+    (``x``), then the patch means of each coarse φ in Φ's order."""
+    b, _, c = x.shape
+    coarse = [pooled[g] for g in granularities if g > 1]
+    return (torch.cat([x] + coarse, dim=1) if coarse else x).reshape(-1, c)
+
+
+def gather_queries(packing: QueryPacking, sources: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed query rows [T, C] and their centres [T, 2] (extra tokens centred at 0).
 
     Args:
-        extra: [B, E, C] the extra tokens (``num_extra`` of ``pack_queries``), or None.
+        sources: [B*num_sources, C] from ``query_sources``.
     """
-    any_pool = pooled[1]
-    c = any_pool.shape[-1]
-    # Every row is written below (extra tokens and queries): no zero fill.
-    queries = any_pool.new_empty(packing.rows.total, c)
-    q_centers = any_pool.new_empty(packing.rows.total, 2)
-    if packing.extra_rows.numel():
-        queries.index_copy_(0, packing.extra_rows, extra.reshape(-1, c))
-        q_centers.index_fill_(0, packing.extra_rows, 0.0)
-    for g, src, patches, dest in packing.sources:
-        rows = pooled[g].reshape(-1, c)
-        lo, hi = (dest[0].item(), dest[-1].item()) if dest.numel() else (0, -1)
-        contiguous = hi - lo + 1 == dest.numel()
-        if contiguous and not (torch.is_grad_enabled() and rows.requires_grad):
-            # One contiguous block (e.g. batch 1 at inference): gather without a temporary.
-            torch.index_select(rows, 0, src, out=queries[lo : hi + 1])
-        else:
-            queries.index_copy_(0, dest, rows.index_select(0, src))
-        grid_centers = layout.grids[g].centers.to(any_pool.dtype)
-        q_centers.index_copy_(0, dest, grid_centers.index_select(0, patches))
-    return queries, q_centers
+    slots = packing.layout.slots
+    slot = packing.slot_index()
+    rows = slots.source.index_select(0, slot)
+    offsets = packing.image_offsets(slots.num_sources)
+    queries = sources.index_select(0, rows if offsets is None else rows + offsets)
+    return queries, slots.centers.to(sources.dtype).index_select(0, slot)
 
 
 def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -> torch.Tensor:
@@ -362,6 +428,6 @@ def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -
     """
     b, n, c = x.shape
     flat = delta.reshape(-1, c)
-    if packing.has_skipped:  # φ = 0 tokens read a zero row
+    if packing.layout.skip_choice is not None:  # φ = 0 tokens read a zero row
         flat = torch.cat([flat, flat.new_zeros(1, c)], dim=0)
     return flat.index_select(0, packing.token_rows).view(b, n, c).add_(x)

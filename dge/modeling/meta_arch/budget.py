@@ -6,37 +6,16 @@ per stage) and the share of regions at each granularity to the event storage (lo
 metrics.json, TensorBoard); in inference it attaches each image's β to its output dict
 (``output["dge"]``), which ``DGEStatsEvaluator`` averages over a dataset.
 """
-from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, SemanticSegmentor
 from detectron2.utils.events import get_event_storage
 
-from ...layers import budget_loss, complexity_report, dge_stages
+from ...layers import budget_loss, routing_stats
 
-__all__ = ["BudgetLossMixin", "DGERCNN", "DGESemanticSegmentor", "routing_stats"]
-
-
-def routing_stats(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
-    """Per-image statistics of the last forward of the DGE blocks in ``model``:
-    ``beta`` [B], ``beta_stage{k}`` [B] (k = 1.. in forward order) and ``share_phi{g}`` [B],
-    the share of regions at granularity g. None when the model has no DGE block."""
-    stages = dge_stages(model)
-    if not stages:
-        return None
-    report = complexity_report(model)
-    stats = OrderedDict(beta=report.beta)
-    for k, layers in enumerate(stages.values(), start=1):
-        rows = [i for i, _, _ in layers]
-        stats[f"beta_stage{k}"] = report.dynamic_flops[rows].sum(0) / report.static_flops[rows].sum()
-    named = [m for layers in stages.values() for _, _, m in layers]
-    maps = [m.last_routing.granularity_map.flatten(1) for m in named]
-    all_maps = torch.cat(maps, dim=1)
-    for g in sorted({g for m in named for g in m.granularities}):
-        stats[f"share_phi{g}"] = (all_maps == g).float().mean(dim=1)
-    return stats
+__all__ = ["BudgetLossMixin", "DGERCNN", "DGESemanticSegmentor"]
 
 
 class BudgetLossMixin:
@@ -74,7 +53,9 @@ class BudgetLossMixin:
             storage.put_scalars(**{f"dge/{k}": v.detach().mean().item() for k, v in stats.items()})
             return outputs
         for i, out in enumerate(outputs):
-            out["dge"] = {k: v[i].item() for k, v in stats.items()}
+            # 0-dim tensors (no device sync; export and tracing flatten them): float(), format()
+            # and comparisons read them as numbers.
+            out["dge"] = {k: v[i] for k, v in stats.items()}
         return outputs
 
 
