@@ -28,7 +28,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import resource
 import statistics
@@ -49,6 +48,7 @@ from detectron2.modeling import build_model  # noqa: E402
 import dge  # noqa: E402,F401
 from dge.config import load_config  # noqa: E402
 from dge.data import DEFAULT_PHOTOS, iter_images  # noqa: E402
+from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset  # noqa: E402
 from dge.layers import budget_loss, complexity_report, dge_modules  # noqa: E402
 
 
@@ -63,30 +63,6 @@ def photos(batch: int, hw, device) -> torch.Tensor:
 
 def normalise(model, images: torch.Tensor) -> torch.Tensor:
     return (images - model.pixel_mean.view(1, -1, 1, 1)) / model.pixel_std.view(1, -1, 1, 1)
-
-
-@torch.no_grad()
-def calibrate(model, run, target: float, steps: int = 14, per_block: bool = False):
-    """Bisection on offsets added to the routers' finest-choice logits: one shared offset on
-    the model's β, or (``per_block``) one per router on its own block's β. Returns (offsets,
-    measured β of the last run), leaving the offsets applied."""
-    n = len(dge_modules(model)) if per_block else 1
-    lo, hi, applied = [-30.0] * n, [30.0] * n, [0.0] * n
-    beta = None
-    for _ in range(steps):
-        mid = [0.5 * (a + b) for a, b in zip(lo, hi)]
-        set_logit_offset(model, [m - a for m, a in zip(mid, applied)])
-        applied = mid
-        run()
-        report = complexity_report(model)
-        beta = report.beta.mean().item()
-        betas = report.layer_beta.mean(dim=1).tolist() if per_block else [beta]
-        for i, value in enumerate(betas):
-            if value > target:
-                hi[i] = applied[i]
-            else:
-                lo[i] = applied[i]
-    return applied, beta
 
 
 def timed_interleaved(cases: dict, runs: int, warmup: int, sync) -> dict:
@@ -147,11 +123,7 @@ def build_models(cfg, variants=("vanilla", "dge")):
     if trained:
         DetectionCheckpointer(dge_model).load(cfg.MODEL.WEIGHTS)
     else:
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for m in dge_modules(dge_model):
-                c = m.router.gate.in_features
-                m.router.gate.weight.copy_(torch.randn(m.router.gate.weight.shape, generator=gen) / math.sqrt(c))
+        randomize_routers(dge_model, seed=0)
     models = {"dge": dge_model}
     if "vanilla" in variants:
         vanilla_cfg = cfg.clone()
@@ -159,17 +131,6 @@ def build_models(cfg, variants=("vanilla", "dge")):
         models["vanilla"] = build_model(vanilla_cfg).eval()
         models["vanilla"].load_state_dict(vanilla_state_dict(dge_model))  # same weights but the routers
     return models, trained
-
-
-def set_logit_offset(model, offsets) -> None:
-    """Adds ``offsets`` (one for all routers, or one per router) to the routers'
-    finest-choice biases (from their current values)."""
-    modules = dge_modules(model)
-    offsets = list(offsets) * len(modules) if len(offsets) == 1 else list(offsets)
-    with torch.no_grad():
-        for m, offset in zip(modules, offsets):
-            fine = m.granularities.index(min(g for g in m.granularities if g > 0))
-            m.router.gate.bias[fine] += offset
 
 
 def case_functions(what, models, x, inputs, budget):

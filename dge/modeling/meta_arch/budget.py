@@ -6,7 +6,7 @@ per stage) and the share of regions at each granularity to the event storage (lo
 metrics.json, TensorBoard); in inference it attaches each image's β to its output dict
 (``output["dge"]``), which ``DGEStatsEvaluator`` averages over a dataset.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -52,10 +52,15 @@ class BudgetLossMixin:
             storage = get_event_storage()
             storage.put_scalars(**{f"dge/{k}": v.detach().mean().item() for k, v in stats.items()})
             return outputs
+        return self.attach_routing_stats(outputs, stats)
+
+    def attach_routing_stats(self, outputs: List[Dict], stats: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict]:
+        """Adds each image's β and routing statistics of the last forward to its output dict
+        as ``out["dge"]``: 0-dim tensors (no device sync; export and tracing flatten them),
+        which float(), format() and comparisons read as numbers."""
+        stats = routing_stats(self.backbone) if stats is None else stats
         for i, out in enumerate(outputs):
-            # 0-dim tensors (no device sync; export and tracing flatten them): float(), format()
-            # and comparisons read them as numbers.
-            out["dge"] = {k: v[i] for k, v in stats.items()}
+            out["dge"] = {k: v[i] for k, v in (stats or {}).items()}
         return outputs
 
 

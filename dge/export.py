@@ -1,0 +1,279 @@
+"""Export of dge models as graphs that keep their dynamic routing.
+
+A DGE block's inference is a tensor program (``dge.layers.grained``): how many queries an
+image keeps in a block is a dynamic size of the graph (the shape of one ``nonzero``), so an
+exported model routes every input anew. Three formats:
+
+* ``exported``: ``torch.export`` (a ``.pt2`` file, ``torch.export.load``);
+* ``onnx``: ``torch.onnx.export(..., dynamo=True)`` of the exported program, run by
+  onnxruntime;
+* ``torchscript``: ``torch.jit.trace``; whole detectron2 models go through detectron2's
+  ``TracingAdapter``, as its ``tools/deploy/export_model.py --export-method tracing``.
+
+An export is made at batch 1 for one input size (position embeddings and DGE layouts are
+computed for it): ``ExportedModel`` checks the size of what it is given. Each file has its
+metadata beside it (``<file>.json``: format, kind, input shape, output names).
+"""
+import contextlib
+import json
+import os
+import pickle
+import traceback
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .layers import routing_stats
+
+__all__ = [
+    "FORMATS",
+    "FILE_SUFFIXES",
+    "ExportError",
+    "ExportedModel",
+    "RoutedOutputs",
+    "export_module",
+    "export_detectron2_model",
+    "flat_tensors",
+    "max_difference",
+    "onnxruntime_session",
+]
+
+FORMATS = ("exported", "onnx", "torchscript")
+FILE_SUFFIXES = {"exported": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
+_SCHEMA_FILE = "outputs_schema.pkl"  # a torchscript file's detectron2 output schema
+
+
+class ExportError(RuntimeError):
+    """An export that stopped: names the module and the op (source line) where it did."""
+
+
+class RoutedOutputs(nn.Module):
+    """``model(x)`` as a flat dict of tensors, with each image's β and routing statistics of
+    the DGE blocks (``dge.layers.routing_stats``) as ``dge.beta``, ``dge.beta_stage1``, ...:
+    outputs that export, tracing and activation counting all take.
+
+    Args:
+        model: a module of one tensor (a timm model, a detectron2 backbone) returning a
+            tensor or a dict of tensors.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = self.model(x)
+        flat = OrderedDict(out) if isinstance(out, Mapping) else OrderedDict(output=out)
+        for k, v in (routing_stats(self.model) or {}).items():
+            flat[f"dge.{k}"] = v
+        return flat
+
+
+@contextlib.contextmanager
+def _where_it_stops(model: nn.Module, fmt: str) -> Iterator[None]:
+    """Turns an exception of an export into an ``ExportError`` naming the innermost module
+    that was running and the last source line of dge or of the model's own code."""
+    stack: List[str] = []  # names of the modules running, innermost last
+    names = {m: n or "(model)" for n, m in model.named_modules()}
+    def pre(m, *_):
+        stack.append(f"{names[m]!r} ({type(m).__name__})")
+
+    def post(m, *_):  # returns None: the output stays
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in names] + [m.register_forward_hook(post) for m in names]
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        module = stack[-1] if stack else f"'(model)' ({type(model).__name__})"
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno} `{(frames[-1].line or '').strip()}`" if frames else ""
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"{fmt} export stopped in module {module}{where}: {type(exc).__name__}: {message}"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _quiet_tracer() -> Iterator[None]:
+    """``torch.jit.trace`` warns about every Python number it keeps as a constant; here those
+    are sizes fixed by the export's input size (layouts, position embeddings), not routing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _write_metadata(path: str, meta: Dict[str, Any]) -> None:
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def export_module(module: nn.Module, example: torch.Tensor, path: str, fmt: str, **meta) -> Dict[str, Any]:
+    """Exports ``module`` (a module of one tensor returning a dict of tensors, e.g.
+    ``RoutedOutputs``) traced on ``example`` [1, C, H, W] to ``path`` in format ``fmt``;
+    writes ``path + ".json"`` (with ``meta`` added) and returns that metadata.
+
+    Raises:
+        ExportError: the module and op where the export stopped.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
+    if example.dim() != 4 or example.shape[0] != 1:
+        raise ValueError(f"exports are made at batch 1 from one [1, C, H, W] input; got {list(example.shape)}")
+    module = module.eval()
+    with torch.no_grad():
+        names = list(module(example).keys())
+    with _where_it_stops(module, fmt):
+        if fmt == "exported":
+            program = torch.export.export(module, (example,))
+            torch.export.save(program, path)
+        elif fmt == "onnx":
+            torch.onnx.export(
+                module, (example,), path, dynamo=True, input_names=["image"], output_names=names, verbose=False
+            )
+        else:
+            with torch.no_grad(), _quiet_tracer():
+                traced = torch.jit.trace(module, (example,), strict=False, check_trace=False)
+            torch.jit.save(traced, path)
+    metadata = dict(format=fmt, kind="module", input_shape=list(example.shape), outputs=names, **meta)
+    _write_metadata(path, metadata)
+    return metadata
+
+
+def export_detectron2_model(model: nn.Module, image: torch.Tensor, path: str, fmt: str = "torchscript", **meta):
+    """Exports a whole detectron2 model (e.g. ``DGERCNN``) traced on ``image`` [C, H, W] (the
+    tensor its ``forward([{"image": image}])`` takes) through detectron2's
+    ``TracingAdapter``, as detectron2's deploy tool. The output schema (instances, the
+    ``"dge"`` dict) is stored with the file. Returns the metadata.
+
+    Raises:
+        ExportError: the module and op where the export stopped.
+    """
+    from detectron2.export import TracingAdapter
+    from detectron2.modeling import GeneralizedRCNN
+
+    from .modeling.meta_arch import BudgetLossMixin
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
+    if image.dim() != 3:
+        raise ValueError(f"a detectron2 model is exported from one [C, H, W] image; got {list(image.shape)}")
+    model = model.eval()
+    inference, postprocess = None, None
+    if isinstance(model, GeneralizedRCNN):
+        # As detectron2's deploy tool: the graph ends at the RoI masks; pasting them into the
+        # image (detector_postprocess) runs after it, in ExportedModel.
+        def inference(model, inputs):
+            outputs = [{"instances": i} for i in model.inference(inputs, do_postprocess=False)]
+            return model.attach_routing_stats(outputs) if isinstance(model, BudgetLossMixin) else outputs
+
+        postprocess = "detector_postprocess"
+    adapter = TracingAdapter(model, [{"image": image}], inference_func=inference)
+    with _where_it_stops(model, fmt):
+        if fmt == "torchscript":
+            with torch.no_grad(), _quiet_tracer():
+                traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+            torch.jit.save(traced, path, _extra_files={_SCHEMA_FILE: pickle.dumps(adapter.outputs_schema)})
+        elif fmt == "exported":
+            torch.export.save(torch.export.export(adapter, adapter.flattened_inputs), path)
+        else:
+            torch.onnx.export(adapter, adapter.flattened_inputs, path, dynamo=True, input_names=["image"])
+    if fmt != "torchscript":
+        with open(path + ".schema", "wb") as f:
+            pickle.dump(adapter.outputs_schema, f)
+    metadata = dict(format=fmt, kind="detectron2", input_shape=list(image.shape), postprocess=postprocess, **meta)
+    _write_metadata(path, metadata)
+    return metadata
+
+
+def onnxruntime_session(path: str, threads: Optional[int] = None):
+    """An onnxruntime CPU session of ``path`` (``threads`` intra-op threads, default torch's)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - requirements.txt installs it
+        raise ImportError("running ONNX files needs onnxruntime: pip install onnxruntime") from exc
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+class ExportedModel:
+    """A file written by ``export_module`` / ``export_detectron2_model``, ready to run.
+
+    ``model(x)`` takes what the export was made from (``[1, C, H, W]`` for a module, a
+    ``[C, H, W]`` image for a detectron2 model) and returns the same structure as the eager
+    model: a dict of tensors, or detectron2's list of output dicts. An input of another
+    shape than the export's is refused with a message that says which it takes.
+    """
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        meta_path = path + ".json"
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} is missing: export with dge.export (tools/export_model.py)")
+        with open(meta_path) as f:
+            self.metadata = json.load(f)
+        self.path = path
+        self.format = self.metadata["format"]
+        self.input_shape = tuple(self.metadata["input_shape"])
+        self._schema = None
+        if self.format == "exported":
+            self._run = torch.export.load(path).module()
+        elif self.format == "onnx":
+            session = onnxruntime_session(path, threads)
+            input_name = session.get_inputs()[0].name
+            self._run = lambda x: [torch.from_numpy(v) for v in session.run(None, {input_name: x.numpy()})]
+        else:
+            extra = {_SCHEMA_FILE: ""}
+            self._run = torch.jit.load(path, _extra_files=extra)
+            if extra[_SCHEMA_FILE]:
+                self._schema = pickle.loads(extra[_SCHEMA_FILE])
+        if self.metadata["kind"] == "detectron2" and self._schema is None:
+            with open(path + ".schema", "rb") as f:
+                self._schema = pickle.load(f)
+
+    def __call__(self, x: torch.Tensor):
+        if tuple(x.shape) != self.input_shape:
+            raise ValueError(
+                f"{os.path.basename(self.path)} was exported for inputs of shape {list(self.input_shape)} "
+                f"(exports are made for one size); got {list(x.shape)}: resize the input or export again "
+                f"at this size (tools/export_model.py --input-size)"
+            )
+        with torch.no_grad():
+            out = self._run(x)
+        if self._schema is not None:
+            outputs = self._schema(out if isinstance(out, (tuple, list)) else (out,))
+            if self.metadata.get("postprocess") == "detector_postprocess":
+                from detectron2.modeling.postprocessing import detector_postprocess
+
+                for o in outputs:
+                    o["instances"] = detector_postprocess(o["instances"], x.shape[-2], x.shape[-1])
+            return outputs
+        if isinstance(out, Mapping):
+            return OrderedDict(out)
+        return OrderedDict(zip(self.metadata["outputs"], out))
+
+
+def flat_tensors(outputs) -> List[torch.Tensor]:
+    """Every tensor of a model's outputs (dicts, lists, detectron2 ``Instances``), in order."""
+    from detectron2.export.flatten import flatten_to_tuple
+
+    return [t for t in flatten_to_tuple(outputs)[0] if isinstance(t, torch.Tensor)]
+
+
+def max_difference(a, b) -> float:
+    """Largest absolute difference between two outputs of the same structure; inf when their
+    tensors differ in number or shape (e.g. another count of detections)."""
+    ta, tb = flat_tensors(a), flat_tensors(b)
+    if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return float("inf")
+    return max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
+
