@@ -47,7 +47,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
-from fvcore.nn import ActivationCountAnalysis, parameter_count_table
+from fvcore.nn import parameter_count_table
 from fvcore.nn.jit_handles import generic_activation_jit
 from torch.nn import functional as F
 
@@ -168,16 +168,15 @@ def do_flop(cfg, args) -> Dict[str, Any]:
 
 
 def do_activation(cfg, args) -> Dict[str, Any]:
-    """fvcore's activation count per image (outputs of conv / linear / matmul and fused
-    attention); detectron2's ``activation_count_operators`` cannot trace outputs with
-    non-tensor fields such as the DGE statistics of DGERCNN."""
+    """Activations per image, counted as detectron2's analyze_model does
+    (``activation_count_operators``: outputs of conv / linear / matmul), plus the outputs of
+    fused attention."""
     model, _ = build(cfg)
-    totals = []
-    for data in model_inputs(cfg, args):
-        adapter = detectron2_analysis.TracingAdapter(model, data, allow_non_tensor=True)
-        count = ActivationCountAnalysis(adapter, adapter.flattened_inputs)
-        count.set_op_handle("aten::scaled_dot_product_attention", generic_activation_jit())
-        totals.append(count.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total() / 1e6)
+    sdpa = {"aten::scaled_dot_product_attention": generic_activation_jit()}
+    totals = [
+        sum(detectron2_analysis.activation_count_operators(model, data, supported_ops=sdpa).values())
+        for data in model_inputs(cfg, args)
+    ]
     n = len(totals)
     logger.info(f"Total (million) activations over {n} image(s): {np.mean(totals):.1f} ± {np.std(totals):.1f}")
     return {"activations_million": totals}

@@ -136,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--output", default="output/export")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    if args.opts[:1] == ["--"]:  # "--check A B -- KEY VALUE": the overrides after the images
+        args.opts = args.opts[1:]
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     torch.manual_seed(0)
 
