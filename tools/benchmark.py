@@ -49,6 +49,7 @@ import dge  # noqa: E402,F401
 from dge.config import load_config  # noqa: E402
 from dge.data import DEFAULT_PHOTOS, iter_images  # noqa: E402
 from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset  # noqa: E402
+from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module  # noqa: E402
 from dge.layers import budget_loss, complexity_report, dge_modules  # noqa: E402
 
 
@@ -133,13 +134,44 @@ def build_models(cfg, variants=("vanilla", "dge")):
     return models, trained
 
 
-def case_functions(what, models, x, inputs, budget):
+RUNTIMES = ("eager", "exported", "onnxruntime", "compile")
+
+
+def backbone_runner(backbone, x, runtime: str, workdir: str):
+    """A function running ``backbone`` on ``x`` in ``runtime``: eager; ``exported``
+    (torch.export, the program's module); ``onnxruntime`` (ONNX of the exported program,
+    onnxruntime on torch's thread count); ``compile`` (``torch.compile``, dynamic query
+    counts captured as unbacked sizes). Exports and compiles happen here, before timing."""
+    if runtime == "eager":
+        return lambda: backbone(x)
+    if runtime == "compile":
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        compiled = torch.compile(backbone)
+        return lambda: compiled(x)
+    module = RoutedOutputs(backbone).eval()
+    fmt = "exported" if runtime == "exported" else "onnx"
+    path = os.path.join(workdir, f"{id(backbone)}{FILE_SUFFIXES[fmt]}")
+    export_module(module, x, path, fmt)
+    exported = ExportedModel(path)
+    return lambda: exported(x)
+
+
+def case_functions(what, models, x, inputs, budget, runtime="eager", workdir=None):
+    if runtime != "eager" and what != "backbone":
+        raise ValueError(f"--runtime {runtime} measures the backbone only (--what backbone); got --what {what}")
     if what == "train":
         budgets = {"vanilla": None, "dge": budget}
         return {k: train_step(m.backbone.bottom_up, x, budgets[k]) for k, m in models.items()}
     if what == "backbone":
-        return {k: (lambda m=m: m.backbone.bottom_up(x)) for k, m in models.items()}
+        return {k: backbone_runner(m.backbone.bottom_up, x, runtime, workdir) for k, m in models.items()}
     return {k: (lambda m=m: m(inputs)) for k, m in models.items()}
+
+
+def largest_difference(function, backbone, x) -> float:
+    """Largest |output - eager output| of a runtime's ``function`` over the backbone's maps."""
+    reference = backbone(x)
+    out = function()
+    return max(float((out[k] - v).abs().max()) for k, v in reference.items())
 
 
 def main(argv=None):
@@ -148,6 +180,10 @@ def main(argv=None):
     parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
+    parser.add_argument(
+        "--runtime", default="eager", choices=RUNTIMES,
+        help="backbone in eager PyTorch, as a torch.export program, in onnxruntime, or torch.compile'd",
+    )
     parser.add_argument("--target-beta", type=float, default=0.5)
     parser.add_argument(
         "--calibration", default="shared", choices=["shared", "per-block"],
@@ -221,14 +257,20 @@ def main(argv=None):
                 case["calibrated_logit_offsets"] = [round(o, 3) for o in offset]
             per_image = "" if batch == 1 else "; per image " + ", ".join(f"{b:.2f}" for b in case["beta_per_image"])
             for what in args.what:
-                cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)
-                grad = torch.enable_grad if what == "train" else torch.inference_mode
-                with grad():
-                    samples = timed_interleaved(cases, args.runs, args.warmup, sync)
-                row = {
-                    k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "max_ms": round(max(v), 2)}
-                    for k, v in samples.items()
-                }
+                with tempfile.TemporaryDirectory() as workdir:
+                    with torch.no_grad():
+                        cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET, args.runtime, workdir)
+                    grad = torch.enable_grad if what == "train" else torch.inference_mode
+                    with grad():
+                        samples = timed_interleaved(cases, args.runs, args.warmup, sync)
+                    row = {
+                        k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "max_ms": round(max(v), 2)}
+                        for k, v in samples.items()
+                    }
+                    if args.runtime != "eager":
+                        with torch.inference_mode():
+                            for k, fn in cases.items():
+                                row[k]["max_abs_diff_to_eager"] = largest_difference(fn, models[k].backbone.bottom_up, x)
                 if args.memory:
                     for k, fn in cases.items():
                         if device.type == "cuda":
@@ -240,9 +282,10 @@ def main(argv=None):
                             one = ["--config-file", args.config_file, "--sizes", size, "--batch", str(batch), *args.opts]
                             row[k].update(cpu_peak_memory_mb(one, what, k, offset))
                 row["ratio"] = round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4)
+                row["runtime"] = args.runtime
                 case[what] = row
                 print(
-                    f"{what:8s} {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
+                    f"{what:8s} ({args.runtime}) {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
                     f"DGE {row['dge']['median_ms']:.1f} ms (β = {beta:.3f}{per_image}) -> ratio {row['ratio']:.3f}",
                     flush=True,
                 )
