@@ -21,7 +21,7 @@ import pickle
 import traceback
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ __all__ = [
     "export_module",
     "export_detectron2_model",
     "flat_tensors",
+    "binary_differences",
     "max_difference",
     "onnxruntime_session",
 ]
@@ -78,6 +79,7 @@ def _where_it_stops(model: nn.Module, fmt: str) -> Iterator[None]:
     that was running and the last source line of dge or of the model's own code."""
     stack: List[str] = []  # names of the modules running, innermost last
     names = {m: n or "(model)" for n, m in model.named_modules()}
+
     def pre(m, *_):
         stack.append(f"{names[m]!r} ({type(m).__name__})")
 
@@ -270,10 +272,19 @@ def flat_tensors(outputs) -> List[torch.Tensor]:
 
 
 def max_difference(a, b) -> float:
-    """Largest absolute difference between two outputs of the same structure; inf when their
-    tensors differ in number or shape (e.g. another count of detections)."""
+    """Largest absolute difference between the numeric tensors of two outputs of the same
+    structure (binary ones, e.g. pasted masks, are compared by ``binary_differences``); inf
+    when their tensors differ in number or shape (e.g. another count of detections)."""
     ta, tb = flat_tensors(a), flat_tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return float("inf")
-    return max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
+    pairs = [(x, y) for x, y in zip(ta, tb) if x.numel() and x.dtype != torch.bool]
+    return max((float((x.double() - y.double()).abs().max()) for x, y in pairs), default=0.0)
+
+
+def binary_differences(a, b) -> Tuple[int, int]:
+    """(elements that differ, elements) over the boolean tensors of two outputs of the same
+    structure: a pasted mask pixel flips when its probability lies within rounding of 0.5."""
+    pairs = [(x, y) for x, y in zip(flat_tensors(a), flat_tensors(b)) if x.dtype == torch.bool and x.shape == y.shape]
+    return sum(int((x != y).sum()) for x, y in pairs), sum(x.numel() for x, _ in pairs)
 

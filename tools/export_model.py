@@ -24,10 +24,12 @@ carry them in ``output["dge"]``. Formats: ``exported`` (torch.export, ``.pt2``),
 stride; a timm model's input size), from ``--export-image``.
 
 ``--check IMAGES...`` runs every exported file beside the eager model on each image (resized
-to the export size) and prints the largest difference of all outputs and each image's β,
-eager and exported. ``--random-routers BETA`` gives an untrained model routers that route by
+to the export size) and prints the largest difference of all numeric outputs (pasted binary
+masks: how many pixels differ) and each image's β, eager and exported. ``--random-routers BETA`` gives an untrained model routers that route by
 content (random gate weights, then one logit offset calibrated to β on the export image),
-so that images differ in their routing.
+so that images differ in their routing. ``--swap-check`` (backbones, timm models) also shows
+that a torch.export program does not keep the routing it was traced with: traced with every
+region at φ = 1 and run with the model's routers on the check images, and the reverse.
 """
 import argparse
 import json
@@ -52,6 +54,7 @@ from dge.export import (  # noqa: E402
     ExportError,
     ExportedModel,
     RoutedOutputs,
+    binary_differences,
     export_detectron2_model,
     export_module,
     max_difference,
@@ -133,6 +136,11 @@ def main(argv=None):
     parser.add_argument("--export-image", default="skimage:astronaut", help="image the export is traced on")
     parser.add_argument("--check", nargs="*", default=[], help="images to compare exported and eager outputs on")
     parser.add_argument("--random-routers", type=float, metavar="BETA", help="untrained routers routing at this β")
+    parser.add_argument(
+        "--swap-check", action="store_true",
+        help="with --check, a module and the exported format: also trace under all-fine routing and run the "
+        "program with the model's routers on the check images, and the reverse",
+    )
     parser.add_argument("--output", default="output/export")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
@@ -141,6 +149,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     torch.manual_seed(0)
 
+    if args.swap_check and (args.what == "model" and not args.timm_model or not args.check):
+        parser.error("--swap-check takes a backbone or a timm model (--what backbone / --timm-model) and --check images")
     kind, model, preprocess, default_hw = build(args)
     hw = tuple(args.input_size) if args.input_size else default_hw
     formats = args.format or (["torchscript"] if kind == "detectron2" else ["exported"])
@@ -185,15 +195,52 @@ def main(argv=None):
                 detections = ""
                 if kind == "detectron2" and "instances" in out[0]:
                     row.update(detections_eager=len(eager[0]["instances"]), detections_exported=len(out[0]["instances"]))
-                    detections = f", detections {row['detections_eager']} / {row['detections_exported']}"
+                    flipped, pixels = binary_differences(eager, out)
+                    row.update(mask_pixels_differing=flipped, mask_pixels=pixels)
+                    detections = (
+                        f", detections {row['detections_eager']} / {row['detections_exported']}, "
+                        f"mask pixels differing {flipped} of {pixels}"
+                    )
                 rows.append(row)
                 logger.info(
                     f"{image_name:12s} {fmt:11s} max |exported - eager| = {row['max_abs_diff']:.3g}, "
                     f"β eager {row['beta_eager']:.4f}, exported {row['beta_exported']:.4f}{detections}"
                 )
+    swaps = swap_check(model, example, [preprocess(bgr, hw) for _, bgr in iter_images(args.check)]) if args.swap_check else []
+    if args.check:
         with open(os.path.join(args.output, name + "_check.json"), "w") as f:
-            json.dump(dict(files=files, input_size=list(hw), checks=rows), f, indent=2)
-    return dict(files=files, checks=rows, failed=failed)
+            json.dump(dict(files=files, input_size=list(hw), checks=rows, swap_checks=swaps), f, indent=2)
+    return dict(files=files, checks=rows, swap_checks=swaps, failed=failed)
+
+
+def swap_check(model, example, images):
+    """A torch.export program does not keep the routing it was traced with: trace it with
+    every region at φ = 1 (a +30 offset on the finest logits), then load the model's own
+    router weights into the program and run it on ``images``; and the reverse. Returns one
+    row per direction: the largest difference to eager (outputs and β) and the β per image."""
+    from dge.analysis.calibration import set_logit_offset
+
+    if not dge_modules(model):
+        raise ValueError("--swap-check needs a model with DGE blocks")
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    set_logit_offset(model, [30.0])
+    all_fine = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for label, traced, run in (("traced all-fine, run as routed", all_fine, own), ("traced as routed, run all-fine", own, all_fine)):
+        model.load_state_dict(traced)
+        program = torch.export.export(model, (example,)).module()
+        program.load_state_dict(run)
+        model.load_state_dict(run)
+        worst, betas = 0.0, []
+        for x in images:
+            with torch.no_grad():
+                eager, out = model(x), program(x)
+            worst = max(worst, max_difference(eager, out), abs(beta_of(eager) - beta_of(out)))
+            betas.append(round(beta_of(out), 4))
+        rows.append(dict(case=label, max_abs_diff=worst, betas=betas))
+        logger.info(f"{label}: max |exported - eager| (outputs and β) = {worst:.3g}, β per image {betas}")
+    model.load_state_dict(own)
+    return rows
 
 
 if __name__ == "__main__":

@@ -225,16 +225,14 @@ class DynamicGrainedEncoder(nn.Module):
         # Straight-through factor per region (Eq. 6): 1 forward, gradient p_i backward.
         chosen_p = None if probs is None else probs.gather(-1, index[..., None]).view(b, -1)
 
-        if self.training and self.dense_train and probs is not None:
-            out = self._forward_dense(x, pooled, layout, choice, probs, hw)
-            num_queries = None
-        else:
-            out, num_queries = self._forward_sparse(x, pooled, layout, choice, chosen_p, hw)
-        if chosen_p is not None or num_queries is None:
+        if chosen_p is not None:  # routed in training
             # ψ of Eq. 7: valid patches of the chosen granularity per region.
             per_region = torch.take_along_dim(layout.region_num_patches.to(x.dtype)[None], choice[:, None], 1)[:, 0]
-        if num_queries is None:
+        if self.training and self.dense_train and probs is not None:
+            out = self._forward_dense(x, pooled, layout, choice, probs, hw)
             num_queries = per_region.sum(dim=1).long()
+        else:
+            out, num_queries = self._forward_sparse(x, pooled, layout, choice, chosen_p, hw)
         query_count = num_queries.to(x.dtype)
         if chosen_p is not None:
             soft = (chosen_p * per_region).sum(dim=1)

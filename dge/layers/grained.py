@@ -17,7 +17,7 @@ once per feature-map size and cached. ``pack_queries`` / ``gather_queries`` /
 many queries each image keeps) comes from the shape of one ``nonzero`` over the selected
 slots, never from a value the host reads. So the same code runs eagerly, under
 ``torch.jit.trace`` and under ``torch.export`` (the query count is a dynamic size there),
-and at batch 1 a block reads nothing back from the device. The queries of a batch are packed
+and at batch 1 that ``nonzero`` is the only value a block waits for from the device. The queries of a batch are packed
 row after row (``QueryRows``): images with fewer queries do less work, also in a batch (only
 attention pads, per short segment of one image's rows).
 """
