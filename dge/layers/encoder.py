@@ -259,11 +259,17 @@ class DynamicGrainedEncoder(nn.Module):
     def _forward_sparse(self, x, pooled, layout, choice, chosen_p, hw):
         b, n, c = x.shape
         e = self.num_extra_tokens
-        if b > 1 and is_capturing() and not _specialized[0]:
-            raise RuntimeError(
-                f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
-                f"image with most queries, a size read from the device); got batch {b}"
-            )
+        if is_capturing() and not _specialized[0]:
+            if b > 1:
+                raise RuntimeError(
+                    f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
+                    f"image with most queries, a size read from the device); got batch {b}"
+                )
+            if layout.skip_choice is not None and e == 0:
+                raise RuntimeError(
+                    f"a DGE block with 0 in its granularities {self.granularities} and no extra token is not "
+                    f"exported: an image may keep no query at all, a size of 0 that the graph cannot take"
+                )
         packing = pack_queries(layout, choice)
         if _specialized[0] or not is_capturing():
             # Eager shortcuts, decided on the query count (a shape, known without a sync).
