@@ -265,10 +265,11 @@ class DynamicGrainedEncoder(nn.Module):
                     f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
                     f"image with most queries, a size read from the device); got batch {b}"
                 )
-            if layout.skip_choice is not None and e == 0:
+            if layout.skip_choice is not None and e == 0 and torch.compiler.is_compiling():
                 raise RuntimeError(
                     f"a DGE block with 0 in its granularities {self.granularities} and no extra token is not "
-                    f"exported: an image may keep no query at all, a size of 0 that the graph cannot take"
+                    f"exported (torch.export / torch.compile): an image may keep no query at all, a size of 0 "
+                    f"that the graph cannot take"
                 )
         packing = pack_queries(layout, choice)
         if _specialized[0] or not is_capturing():
