@@ -17,9 +17,9 @@ once per feature-map size and cached. ``pack_queries`` / ``gather_queries`` /
 many queries each image keeps) comes from the shape of one ``nonzero`` over the selected
 slots, never from a value the host reads. So the same code runs eagerly, under
 ``torch.jit.trace`` and under ``torch.export`` (the query count is a dynamic size there),
-and at batch 1 that ``nonzero`` is the only value a block waits for from the device. The queries of a batch are packed
-row after row (``QueryRows``): images with fewer queries do less work, also in a batch (only
-attention pads, per short segment of one image's rows).
+and at batch 1 that ``nonzero`` is the only value a block waits for from the device. The
+queries of a batch are packed row after row (``QueryRows``): images with fewer queries do
+less work, also in a batch (only attention pads, per short segment of one image's rows).
 """
 import functools
 from dataclasses import dataclass
@@ -120,7 +120,6 @@ def static_layout(
     jj = torch.arange(w, device=device)
     token_region = ((ii[:, None] // rh) * wr + (jj[None, :] // rw)).reshape(-1)
 
-    long_zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
     # Slots: the extra tokens (region R, always chosen), then the patches of each nonzero φ.
     choice = [torch.full((num_extra,), -1, dtype=torch.long, device=device)]
     region = [torch.full((num_extra,), num_regions, dtype=torch.long, device=device)]
@@ -131,7 +130,7 @@ def static_layout(
     first_slot, coarse_rows = num_extra, num_extra + n
     for k, g in enumerate(granularities):
         if g == 0:
-            token_slot.append(long_zeros(n))  # never read: φ = 0 tokens take the zero row
+            token_slot.append(torch.zeros(n, dtype=torch.long, device=device))  # never read: φ = 0 tokens take the zero row
             continue
         gh, gw = hp // g, wp // g
         # Valid tokens per patch along each axis, then their centre (mean of i + 0.5).
