@@ -19,9 +19,12 @@ from .grained import (
 )
 from .router import GrainedRouter
 
-__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS", "is_capturing", "specialize_to_input"]
+__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS", "ACCOUNTING_DTYPE", "is_capturing", "specialize_to_input"]
 
 ROUTING_KINDS = ("region", "layer")
+# Query counts, FLOPs and β are summed in float32 whatever the activations are (a block's
+# multiply-adds, ~1e9, overflow float16; bfloat16 keeps 8 bits). float64 would fail on MPS.
+ACCOUNTING_DTYPE = torch.float32
 _specialized = [False]  # inside specialize_to_input()
 
 
@@ -52,7 +55,7 @@ class RoutingInfo:
     Attributes:
         granularity_map: [B, Hr, Wr] long, φ chosen per region.
         num_queries: [B] long, spatial queries per image (extra tokens excluded).
-        query_count: [B] float ψ of Eq. 7: forward the hard count, backward the
+        query_count: [B] float32 ψ of Eq. 7: forward the hard count, backward the
             straight-through soft count Σ p_i·n_i (differentiable in training).
         hw: (H, W) of the feature map; num_extra: E extra tokens.
         router_flops: multiply-adds of the router (0 when the map was given).
@@ -227,13 +230,13 @@ class DynamicGrainedEncoder(nn.Module):
 
         if chosen_p is not None:  # routed in training
             # ψ of Eq. 7: valid patches of the chosen granularity per region.
-            per_region = torch.take_along_dim(layout.region_num_patches.to(x.dtype)[None], choice[:, None], 1)[:, 0]
+            per_region = torch.take_along_dim(layout.region_num_patches[None], choice[:, None], 1)[:, 0]
         if self.training and self.dense_train and probs is not None:
             out = self._forward_dense(x, pooled, layout, choice, probs, hw)
             num_queries = per_region.sum(dim=1).long()
         else:
             out, num_queries = self._forward_sparse(x, pooled, layout, choice, chosen_p, hw)
-        query_count = num_queries.to(x.dtype)
+        query_count = num_queries.to(ACCOUNTING_DTYPE)  # not the activation dtype: fp16 overflows a block's FLOPs
         if chosen_p is not None:
             soft = (chosen_p * per_region).sum(dim=1)
             query_count = query_count + soft - soft.detach()  # Eq. 7, straight-through
@@ -251,7 +254,7 @@ class DynamicGrainedEncoder(nn.Module):
     def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
         """The vanilla block on every token (what all-φ=1 routing computes)."""
         b, e = x.shape[0], self.num_extra_tokens
-        centers = layout.token_centers.to(x.dtype).expand(b, -1, -1)
+        centers = layout.token_centers.expand(b, -1, -1)  # float32 in any dtype (positions)
         if e:
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
         return self.block(x, x, hw, centers)
@@ -291,7 +294,7 @@ class DynamicGrainedEncoder(nn.Module):
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
         if chosen_p is not None:
-            st = 1.0 + chosen_p - chosen_p.detach()  # Eq. 6
+            st = (1.0 + chosen_p - chosen_p.detach()).to(delta.dtype)  # Eq. 6 (router scores are float32)
             st = torch.cat([st, st.new_ones(b, 1)], dim=1).reshape(-1)  # region R: the extra tokens
             delta = delta * st.index_select(0, packing.query_regions())[:, None]
         out = unpack_tokens(x[:, e:], delta, packing)
@@ -305,7 +308,7 @@ class DynamicGrainedEncoder(nn.Module):
         e = self.num_extra_tokens
         index = choice.view(probs.shape[:-1])
         hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
-        gate = (hard - probs.detach() + probs).view(b, -1, len(self.granularities))
+        gate = (hard - probs.detach() + probs).to(x.dtype).view(b, -1, len(self.granularities))
         gate = torch.cat([gate, gate.new_ones(b, 1, gate.shape[-1])], dim=1)  # region R: the extra tokens
         sources = query_sources(x, pooled, self.granularities)
         parts = []  # (k, packing, queries [B, E + M_k, C], centers) per nonzero granularity
@@ -317,7 +320,7 @@ class DynamicGrainedEncoder(nn.Module):
                 parts.append((k, packing, queries.view(b, -1, c), centers.view(b, -1, 2)))
         # The block sees each image's extra tokens once, then every granularity's queries.
         queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
-        centers = torch.cat([x.new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
+        centers = torch.cat([parts[0][3].new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
         y = self.block(queries, x, hw, centers)
         deltas = (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
         out = x[:, e:]

@@ -405,7 +405,7 @@ def query_sources(x: torch.Tensor, pooled: "PatchPooler", granularities: Sequenc
 
 
 def gather_queries(packing: QueryPacking, sources: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed query rows [T, C] and their centres [T, 2] (extra tokens centred at 0).
+    """Packed query rows [T, C] and their centres [T, 2] float32 (extra tokens centred at 0).
 
     Args:
         sources: [B*num_sources, C] from ``query_sources``.
@@ -415,7 +415,7 @@ def gather_queries(packing: QueryPacking, sources: torch.Tensor) -> Tuple[torch.
     rows = slots.source.index_select(0, slot)
     offsets = packing.image_offsets(slots.num_sources)
     queries = sources.index_select(0, rows if offsets is None else rows + offsets)
-    return queries, slots.centers.to(sources.dtype).index_select(0, slot)
+    return queries, slots.centers.index_select(0, slot)
 
 
 def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -> torch.Tensor:

@@ -37,8 +37,16 @@ class GrainedRouter(nn.Module):
             self.gate.bias.copy_(bias)
 
     def forward(self, region_features: torch.Tensor) -> torch.Tensor:
-        """region_features: [B, Hr, Wr, C] region averages -> gating logits [B, Hr, Wr, K]."""
-        return self.gate(region_features)  # Eq. 1
+        """region_features: [B, Hr, Wr, C] region averages -> gating logits [B, Hr, Wr, K],
+        float32 in any activation dtype and under autocast: the choice, the Gumbel noise and
+        the scores do not depend on the precision the blocks run in (the gate is C×K: the
+        casts cost nothing; in float32 they are no-ops)."""
+        x = region_features.float()
+        weight, bias = self.gate.weight.float(), self.gate.bias.float()
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x, weight, bias)  # Eq. 1
+        return F.linear(x, weight, bias)  # Eq. 1
 
     @staticmethod
     def select(
@@ -56,7 +64,8 @@ class GrainedRouter(nn.Module):
         """
         if not stochastic:
             return logits.argmax(dim=-1), None  # Eq. 2
-        u = torch.rand_like(logits).clamp_(min=1e-10, max=1.0 - 1e-7)
+        u = torch.rand_like(logits, dtype=torch.float32).clamp_(min=1e-10, max=1.0 - 1e-7)
+        logits = logits.float()
         noisy = logits - torch.log(-torch.log(u))  # h + g, g ~ Gumbel(0, 1)
         index = noisy.argmax(dim=-1)  # Eq. 4
         probs = F.softmax(noisy / tau, dim=-1)  # Eq. 5 (p_i is probs at index)

@@ -248,7 +248,7 @@ class PyramidStage(nn.Module):
             for blk in self.blocks:
                 tokens = blk(tokens, hw)
             return tokens, hw
-        centers = token_centers(hw[0], hw[1], device=tokens.device, dtype=tokens.dtype).expand(b, -1, -1)
+        centers = token_centers(hw[0], hw[1], device=tokens.device).expand(b, -1, -1)  # float32 positions
         if e:
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
         for blk in self.blocks:
