@@ -3,7 +3,9 @@ dense context: ``attn(queries [B, M, C], context [B, E+H*W, C], hw, query_center
 rows=None)``. With ``rows`` (a ``dge.layers.grained.QueryRows``) the queries of the B images
 are packed rows [1, T, C] (centres [1, T, 2]); only the per-image part is padded: global /
 SR attention per segment of one image's rows (with that image's keys), deformable sampling
-per image (its small sampling grid only).
+per image (its small sampling grid only). On a CUDA GPU in half precision global / SR
+attention takes the packed rows as they are (``varlen_attn``, no padding at all).
+Positions (query centres, sampling locations) are float32 in any activation dtype.
 
 * ``SpatialReductionAttention``: PVT's attention (keys/values from an R×R strided conv of
   the context); ``sr_ratio=1`` is plain global attention (ViT / DeiT).
@@ -13,6 +15,7 @@ per image (its small sampling grid only).
 Each reports its cost as ``complexity(hw, num_extra) -> (fixed, per_query)`` multiply-adds:
 the context side (keys, values) is fixed, the query side grows with the number of queries.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -22,7 +25,18 @@ from torch.nn import functional as F
 
 from .grained import QueryRows
 
-__all__ = ["SpatialReductionAttention", "DeformableAttention", "scale_grad", "inference_tiles"]
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: segment padding everywhere
+    varlen_attn = None
+
+__all__ = [
+    "SpatialReductionAttention",
+    "DeformableAttention",
+    "scale_grad",
+    "inference_tiles",
+    "packed_attention_available",
+]
 
 
 TILE_ELEMENTS = 1 << 20  # values per inference tile (4 MB in float32): fits the caches
@@ -41,6 +55,26 @@ def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device:
         return 0
     tile = max(1, TILE_ELEMENTS // max(1, elements_per_row))
     return tile if rows > 2 * tile else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash attention: Ampere and newer
+
+
+def packed_attention_available(q: torch.Tensor, head_dim: int, dropout: float) -> bool:
+    """Whether attention over packed rows runs as ``varlen_attn`` (flash attention over
+    variable-length sequences, torch >= 2.10): a CUDA device of compute capability 8.0 or
+    newer, float16 / bfloat16 queries (e.g. under autocast), a head size that is a multiple
+    of 8 up to 256, no attention dropout, and eager execution (``max_q`` is a host int).
+    Elsewhere the rows are padded per segment (``QueryRows.segments``) for SDPA."""
+    if varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if head_dim % 8 or head_dim > 256 or dropout > 0.0:
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -126,6 +160,9 @@ class SpatialReductionAttention(MultiHeadBase):
         k, v = self.keys_values(context, hw)
         q = self.q(queries)
         segments = None
+        drop = self.attn_drop if self.training else 0.0
+        if rows is not None and packed_attention_available(q, self.head_dim, drop):
+            return self.proj_drop(self.proj(self._varlen(q, k, v, rows).view(shape)))
         if rows is not None:  # pad per segment of one image's rows; each gets its image's keys
             segments, images = rows.segments()
             q = segments.pad(q.view(-1, self.dim))
@@ -133,12 +170,21 @@ class SpatialReductionAttention(MultiHeadBase):
                 k, v = k.index_select(0, images), v.index_select(0, images)
         b, m, c = q.shape
         q = q.view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        drop = self.attn_drop if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         x = x.transpose(1, 2).reshape(b, m, c)
         if segments is not None:
             x = segments.unpad(x).view(shape)
         return self.proj_drop(self.proj(x))
+
+    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: QueryRows) -> torch.Tensor:
+        """Packed rows q [1, T, C] of B images against each image's keys k, v [B, heads, Nk, d]
+        in one flash-attention call over variable-length sequences: no padding, no mask."""
+        b, heads, nk, d = k.shape
+        k, v = (t.transpose(1, 2).reshape(b * nk, heads, d) for t in (k, v))
+        cu_q = torch.cat([rows.counts.new_zeros(1), torch.cumsum(rows.counts, 0)]).to(torch.int32)
+        cu_k = torch.arange(0, (b + 1) * nk, nk, device=k.device, dtype=torch.int32)
+        x = varlen_attn(q.reshape(-1, heads, d), k, v, cu_q, cu_k, rows.max_rows, nk)
+        return x.reshape(1, -1, self.dim)
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         c = self.dim
@@ -213,18 +259,26 @@ class DeformableAttention(MultiHeadBase):
         b = context.shape[0]
         spatial = context[:, context.shape[1] - h * w:]
         value = self.v(spatial).view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
-        offsets = self.offsets(queries).view(*shape[:2], heads, points, 2)  # (x, y) in tokens
+        # Positions stay (at least) float32 in any activation dtype: bfloat16 is 2 tokens apart at 320.
+        position = torch.promote_types(value.dtype, torch.float32)
+        offsets = self.offsets(queries).view(*shape[:2], heads, points, 2).to(position)  # (x, y) in tokens
         weights = self.attn_drop(self.attn_weight(queries).view(*shape[:2], heads, points).softmax(dim=-1))
-        center_xy = query_centers.flip(-1)[:, :, None, None, :]
+        center_xy = query_centers.to(position).flip(-1)[:, :, None, None, :]
         loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
         # Sampling locations in [-1, 1] (grid_sample, align_corners=False): 2 * xy / wh - 1.
         grid = loc * loc.new_tensor([2.0 / w, 2.0 / h]) - 1.0
+        if value.dtype != position:  # half precision: sample in float32 (weights too), return in value's dtype
+            value, weights, out_dtype = value.to(position), weights.to(position), value.dtype
+        else:
+            out_dtype = None
         if rows is not None:  # each image samples its own map: pad the (small) grid, not the queries
             grid, weights = rows.pad(grid.flatten(0, 1)), rows.pad(weights.flatten(0, 1))
         m = grid.shape[1]
         grid = grid.permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
         weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, m, points)
         x = self._sample(value, grid, weights).view(b, heads * d, m).transpose(1, 2)
+        if out_dtype is not None:
+            x = x.to(out_dtype)
         if rows is not None:
             x = rows.unpad(x)
         return self.proj_drop(self.proj(x.reshape(shape)))
