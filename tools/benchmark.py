@@ -167,6 +167,34 @@ def case_functions(what, models, x, inputs, budget, runtime="eager", workdir=Non
     return {k: (lambda m=m: m(inputs)) for k, m in models.items()}
 
 
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def with_precision(fn, device: torch.device, precision: str):
+    """``fn`` under ``torch.autocast`` in ``precision`` (fp32: ``fn`` itself); a training step
+    under autocast is AMP's (the loss scaler's work is negligible)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return fn
+
+    def run():
+        with torch.autocast(device.type, dtype=dtype):
+            return fn()
+
+    return run
+
+
+def precision_check(backbone, x, device, precision: str) -> dict:
+    """The backbone under autocast against float32 on ``x``: largest difference of the output
+    maps relative to their largest value, and β of both."""
+    reference = backbone(x)
+    beta32 = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
+    out = with_precision(lambda: backbone(x), device, precision)()
+    beta = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
+    diff = max(float((out[k].float() - v).abs().max() / v.abs().max()) for k, v in reference.items())
+    return {"max_rel_diff_to_fp32": diff, "beta_fp32": beta32, "beta": beta}
+
+
 def largest_difference(function, backbone, x) -> float:
     """Largest |output - eager output| of a runtime's ``function`` over the backbone's maps."""
     reference = backbone(x)
@@ -183,6 +211,10 @@ def main(argv=None):
     parser.add_argument(
         "--runtime", default="eager", choices=RUNTIMES,
         help="backbone in eager PyTorch, as a torch.export program, in onnxruntime, or torch.compile'd",
+    )
+    parser.add_argument(
+        "--precision", default="fp32", choices=list(PRECISIONS),
+        help="run every case under torch.autocast in this dtype (training: AMP); fp32: no autocast",
     )
     parser.add_argument("--target-beta", type=float, default=0.5)
     parser.add_argument(
@@ -260,6 +292,7 @@ def main(argv=None):
                 with tempfile.TemporaryDirectory() as workdir:
                     with torch.no_grad():
                         cases = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET, args.runtime, workdir)
+                    cases = {k: with_precision(fn, device, args.precision) for k, fn in cases.items()}
                     grad = torch.enable_grad if what == "train" else torch.inference_mode
                     with grad():
                         samples = timed_interleaved(cases, args.runs, args.warmup, sync)
@@ -281,11 +314,16 @@ def main(argv=None):
                         else:
                             one = ["--config-file", args.config_file, "--sizes", size, "--batch", str(batch), *args.opts]
                             row[k].update(cpu_peak_memory_mb(one, what, k, offset))
+                if args.precision != "fp32" and what == "backbone":
+                    with torch.inference_mode():
+                        for k, m in models.items():
+                            row[k].update(precision_check(m.backbone.bottom_up, x, device, args.precision))
                 row["ratio"] = round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4)
                 row["runtime"] = args.runtime
+                row["precision"] = args.precision
                 case[what] = row
                 print(
-                    f"{what:8s} ({args.runtime}) {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
+                    f"{what:8s} ({args.runtime}, {args.precision}) {hw[0]}x{hw[1]} batch {batch}: vanilla {row['vanilla']['median_ms']:.1f} ms, "
                     f"DGE {row['dge']['median_ms']:.1f} ms (β = {beta:.3f}{per_image}) -> ratio {row['ratio']:.3f}",
                     flush=True,
                 )
