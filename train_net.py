@@ -14,7 +14,7 @@ import logging
 import os
 import weakref
 
-from detectron2.data import MetadataCatalog, build_detection_train_loader
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
@@ -25,8 +25,9 @@ import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
 from dge.compat import coco_evaluator, cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
+from dge.data.loader import build_resumable_train_loader
 from dge.data.augmentation import build_sem_seg_train_augmentation
-from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, build_optimizer
+from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, StepSeeds, build_optimizer
 
 logger = logging.getLogger("dge")
 
@@ -37,23 +38,38 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp_support():
             super().__init__(cfg)
+        self.data_seed = self._trainer.data_loader.batches.seed
 
     def build_hooks(self):
         # Replaces DefaultTrainer's checkpointer before its hooks capture it.
         self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        return super().build_hooks()
+        return [StepSeeds()] + super().build_hooks()
 
     # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do):
-    # save and restore it, so that --resume continues exactly.
+    # save and restore it, and the data seed (the data position and every random draw
+    # follow from it and the iteration), so that --resume continues exactly.
     def state_dict(self):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret["data_seed"] = self.data_seed
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        self.data_seed = state_dict.get("data_seed", self.data_seed)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # The stream continues at the batch of the first iteration to run; the trainer's
+        # iterator has not started its workers yet (ResumableLoader is lazy).
+        loader = self._trainer.data_loader
+        loader.set_position(self.data_seed, self.start_iter)
+        if hasattr(self._trainer, "_data_loader_iter_obj"):  # current detectron2: created on first use
+            self._trainer._data_loader_iter_obj = None
+        else:  # v0.6: created in SimpleTrainer.__init__
+            self._trainer._data_loader_iter = iter(loader)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -100,13 +116,11 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         kinds = {name: MetadataCatalog.get(name).get("evaluator_type") for name in cfg.DATASETS.TRAIN}
         if "sem_seg" not in kinds.values():
-            return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, is_train=True))
+            return build_resumable_train_loader(cfg, CheckedDatasetMapper(cfg, is_train=True))
         if set(kinds.values()) != {"sem_seg"}:
             raise ValueError(f"DATASETS.TRAIN mixes semantic segmentation with other tasks: {kinds}")
         augmentations = build_sem_seg_train_augmentation(cfg)
-        return build_detection_train_loader(
-            cfg, mapper=CheckedDatasetMapper(cfg, is_train=True, augmentations=augmentations)
-        )
+        return build_resumable_train_loader(cfg, CheckedDatasetMapper(cfg, is_train=True, augmentations=augmentations))
 
 
 def setup(args):

@@ -1,4 +1,5 @@
-"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints."""
+"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints, step seeds."""
 from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator
 from .optimizer import build_optimizer, no_weight_decay_params
+from .seeds import StepSeeds
