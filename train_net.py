@@ -14,7 +14,7 @@ import logging
 import os
 import weakref
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
@@ -26,6 +26,7 @@ from dge.config import load_config
 from dge.compat import coco_evaluator, cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
 from dge.data.loader import build_resumable_train_loader
+from dge.data.validation import validate_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
 from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, StepSeeds, build_optimizer
 
@@ -111,6 +112,14 @@ class Trainer(DefaultTrainer):
         poly = PolynomialDecayParamScheduler(1.0, power)
         poly = WarmupParamScheduler(poly, cfg.SOLVER.WARMUP_FACTOR, warmup, cfg.SOLVER.WARMUP_METHOD)
         return LRMultiplier(optimizer, multiplier=poly, max_iter=cfg.SOLVER.MAX_ITER)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
+        return build_detection_test_loader(
+            records, mapper=CheckedDatasetMapper(cfg, is_train=False), num_workers=cfg.DATALOADER.NUM_WORKERS
+        )
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -7,7 +7,7 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dge_config(cfg: CN) -> CN:
-    """Add the MODEL.PVT, MODEL.DGE, SOLVER and INPUT keys to ``cfg`` (in place) and return it."""
+    """Add the MODEL.PVT, MODEL.DGE, SOLVER, INPUT and DATALOADER keys to ``cfg`` (in place) and return it."""
     # ---------------------------------------------------------------- backbones
     cfg.MODEL.PVT = CN()
     # Model size: "tiny", "small", "medium" or "large" (PVT v1 hyper-parameters).
@@ -68,6 +68,12 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # mmseg's PhotoMetricDistortion: random brightness, contrast, saturation and hue.
     cfg.INPUT.PHOTOMETRIC_DISTORTION = False
+
+    # ------------------------------------------------ dataset validation (dge/data/validation.py)
+    # Images checked before training / evaluation: "none", "headers" or "full" (decoded; cached per file set).
+    cfg.DATALOADER.CHECK_IMAGES = "full"
+    # A box more than 1 px outside its image: "error" stops, "clip" clips it and its polygons (counted).
+    cfg.DATALOADER.BOX_OUTSIDE_IMAGE = "clip"
     return cfg
 
 

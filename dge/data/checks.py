@@ -3,6 +3,7 @@ import os
 from typing import Iterable
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from PIL import Image
 
 __all__ = ["check_datasets", "CheckedDatasetMapper"]
 
@@ -33,13 +34,25 @@ def check_datasets(names: Iterable[str]) -> None:
 
 
 class CheckedDatasetMapper(DatasetMapper):
-    """detectron2's DatasetMapper that names the file when an image cannot be read."""
+    """detectron2's DatasetMapper that names the file when an image cannot be read. Unless
+    the dataset was fully decoded before the start (``DATALOADER.CHECK_IMAGES full``), each
+    image is decoded once more here: detectron2's reader turns a corrupt file into a black
+    image without an error."""
+
+    def __init__(self, cfg, *args, **kwargs):
+        super().__init__(cfg, *args, **kwargs)
+        self.decode_check = cfg.DATALOADER.CHECK_IMAGES != "full"
 
     def __call__(self, dataset_dict):
         try:
+            if self.decode_check:
+                with Image.open(dataset_dict["file_name"]) as im:
+                    im.load()
             return super().__call__(dataset_dict)
         except (OSError, SyntaxError) as e:  # what PIL raises for corrupt or truncated files
             name = dataset_dict.get("file_name", "?")
+            if not os.path.exists(name):
+                raise FileNotFoundError(f"image {name!r} of the dataset does not exist (any more)") from e
             raise RuntimeError(
                 f"could not read image {name!r} ({type(e).__name__}: {e}). The file is corrupt or "
                 "not an image: replace it or drop it from the dataset."

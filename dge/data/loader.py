@@ -30,6 +30,8 @@ from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from .validation import validate_records
+
 __all__ = ["ResumableBatches", "ResumableLoader", "build_resumable_train_loader", "step_seed"]
 
 logger = logging.getLogger(__name__)
@@ -165,8 +167,8 @@ class _LazyIterator:
 
 
 def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = None) -> ResumableLoader:
-    """detectron2's training set of ``cfg.DATASETS.TRAIN`` (same filtering) as a
-    ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0, else one drawn and shared by
+    """detectron2's training set of ``cfg.DATASETS.TRAIN`` (same filtering), validated
+    (``dge.data.validation``), as a ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0, else one drawn and shared by
     all ranks (the trainer keeps it in its checkpoints)."""
     records = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
@@ -174,6 +176,11 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = No
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
+    records, _ = validate_records(
+        records, ",".join(cfg.DATASETS.TRAIN), cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE
+    )
+    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        records = [r for r in records if "annotations" not in r or r["annotations"]]
     world = comm.get_world_size()
     if cfg.SOLVER.IMS_PER_BATCH % world:
         raise ValueError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world} processes")
