@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a checkpoint with detectron2's DefaultPredictor on images, a folder or a dataset, and
+"""Run a checkpoint with detectron2's DefaultPredictor (input-checked: dge.engine.Predictor) on images, a folder or a dataset, and
 write the visualised predictions (boxes, masks or segmentation) with each image's β.
 
     python tools/predict.py --config-file configs/demo_pvt_dge_synthetic.yaml \
@@ -14,7 +14,7 @@ import os
 import cv2
 import tqdm
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultPredictor
+from dge.engine import Predictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -30,6 +30,9 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     add_image_arguments(parser, output="output/predictions")
     parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at a file that does not decode completely (default: skip it, warn)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_logger(name="dge")
@@ -37,12 +40,16 @@ def main(argv=None):
     cfg.freeze()
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: predictions come from a randomly initialised model")
-    predictor = DefaultPredictor(cfg)
+    predictor = Predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     summary = {}
     inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
-    for name, bgr in tqdm.tqdm(list(iter_images(inputs, args.dataset, args.max_images)), desc="predict"):
+    skipped = None if args.strict else []
+    images = list(iter_images(inputs, args.dataset, args.max_images, skipped))
+    for problem in skipped or []:
+        logger.warning(f"skipped {problem}")
+    for name, bgr in tqdm.tqdm(images, desc="predict"):
         out = predictor(bgr)
         vis = Visualizer(bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
         record = {"beta": float(out["dge"]["beta"]) if "dge" in out else None}
@@ -60,7 +67,8 @@ def main(argv=None):
         summary[name] = {**record, "file": path}
     with open(os.path.join(args.output, "predictions.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    logger.info(f"wrote {len(summary)} images and predictions.json to {args.output}")
+    note = f"; skipped {len(skipped)} files that do not decode completely" if skipped else ""
+    logger.info(f"wrote {len(summary)} images and predictions.json to {args.output}{note}")
     return summary
 
 

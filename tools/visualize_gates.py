@@ -16,7 +16,7 @@ import logging
 import os
 
 import tqdm
-from detectron2.engine import DefaultPredictor
+from dge.engine import Predictor
 from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401
@@ -39,7 +39,7 @@ def main(argv=None):
     inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: the gates shown are those of a randomly initialised model")
-    predictor = DefaultPredictor(cfg)
+    predictor = Predictor(cfg)
     model = predictor.model
     div = max(model.backbone.size_divisibility, 1)
     os.makedirs(args.output, exist_ok=True)

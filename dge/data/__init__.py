@@ -1,6 +1,6 @@
 """Datasets: importing this package registers the synthetic datasets (dge_synthetic_*)."""
 from .checks import CheckedDatasetMapper, check_datasets
-from .images import DEFAULT_PHOTOS, add_image_arguments, iter_images
+from .images import DEFAULT_PHOTOS, UnreadableImage, add_image_arguments, iter_images
 from .synthetic import (
     SYNTHETIC_CLASSES,
     ensure_synthetic_dataset,

@@ -1,32 +1,46 @@
 """Images for the tools: files, folders, registered datasets, or the real photographs that
 scikit-image ships (``skimage:chelsea``)."""
 import os
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_PHOTOS", "add_image_arguments", "iter_images"]
+__all__ = ["DEFAULT_PHOTOS", "UnreadableImage", "add_image_arguments", "iter_images"]
 
 # Real photographs inside the scikit-image package (no download).
 DEFAULT_PHOTOS = ("skimage:chelsea", "skimage:astronaut", "skimage:coffee", "skimage:rocket")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
+class UnreadableImage(ValueError):
+    """An input file that is not a completely decodable image."""
+
+
 def _read_bgr(path: str) -> np.ndarray:
     import cv2
 
+    from .validation import check_image
+
+    problem = check_image(path, None, None, full=True)  # OpenCV reads a truncated JPEG with a warning only
+    if problem:
+        raise UnreadableImage(problem)
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"could not read image {path!r} (missing, corrupt or not an image)")
+        raise UnreadableImage(f"{path}: OpenCV cannot read it")
     return image
 
 
 def iter_images(
-    inputs: Sequence[str] = (), dataset: Optional[str] = None, max_images: Optional[int] = None
+    inputs: Sequence[str] = (),
+    dataset: Optional[str] = None,
+    max_images: Optional[int] = None,
+    skipped: Optional[List[str]] = None,
 ) -> Iterator[Tuple[str, np.ndarray]]:
     """Yields (name, BGR uint8 [H, W, 3]) for each input: an image file, a folder (its
     images, sorted), ``skimage:NAME`` (``skimage.data.NAME()``), then the images of the
-    registered ``dataset``; at most ``max_images`` in all."""
+    registered ``dataset``; at most ``max_images`` in all. A file that does not decode
+    completely raises ``UnreadableImage``, or, with a ``skipped`` list, is appended to it
+    (with why) and skipped."""
     count = 0
     sources = []
     for item in inputs:
@@ -55,7 +69,14 @@ def iter_images(
             rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]
             yield name, np.ascontiguousarray(rgb[..., ::-1])
         else:
-            yield os.path.splitext(os.path.basename(src))[0], _read_bgr(src)
+            try:
+                image = _read_bgr(src)
+            except UnreadableImage as e:
+                if skipped is None:
+                    raise
+                skipped.append(str(e))
+                continue
+            yield os.path.splitext(os.path.basename(src))[0], image
         count += 1
 
 

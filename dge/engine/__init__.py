@@ -1,5 +1,6 @@
-"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints, step seeds."""
+"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints, step seeds, a checked predictor."""
 from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator
 from .optimizer import build_optimizer, no_weight_decay_params
 from .seeds import StepSeeds
+from .predictor import Predictor, as_predictor_image
