@@ -43,7 +43,12 @@ class Trainer(DefaultTrainer):
 
     def build_hooks(self):
         # Replaces DefaultTrainer's checkpointer before its hooks capture it.
-        self.checkpointer = AtomicCheckpointer(self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = AtomicCheckpointer(
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            allow_partial=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
+            trainer=weakref.proxy(self),
+        )
         return [StepSeeds()] + super().build_hooks()
 
     # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do):
@@ -146,7 +151,8 @@ def main(args):
     check_datasets(cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR, allow_partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

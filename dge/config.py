@@ -48,6 +48,9 @@ def add_dge_config(cfg: CN) -> CN:
     # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
     cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 
+    # Start from a MODEL.WEIGHTS file that gives the backbone fewer than 10% of its tensors (else an error).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
+
     # ---------------------------------------------------------------- solver
     # "AdamW" (the paper's detection / segmentation recipes) or "SGD"; norms, position
     # embeddings, class tokens and router biases never decay.

@@ -34,3 +34,33 @@ def test_last_checkpoint_is_replaced_by_a_rename(tmp_path, monkeypatch):
     ckpt.save("model_0001")
     assert replaced == ["model_0001.pth", "last_checkpoint"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0001.pth"
+
+
+def test_weights_of_another_architecture_stop_before_training(data_root, tmp_path):
+    import torchvision
+    import train_net
+    from test_train_net import run_args
+
+    path = str(tmp_path / "resnet18.pth")
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    cfg = train_net.setup(run_args("MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "a")))
+    trainer = train_net.Trainer(cfg)
+    with pytest.raises(ValueError, match=r"gives the backbone 0 of its \d+ tensors: the file holds \d+ tensors such as \['conv1.weight'"):
+        trainer.resume_or_load(resume=False)
+    cfg = train_net.setup(run_args("MODEL.WEIGHTS", path, "MODEL.ALLOW_PARTIAL_WEIGHTS", "True", "OUTPUT_DIR", str(tmp_path / "b")))
+    train_net.Trainer(cfg).resume_or_load(resume=False)  # allowed: starts from its initialisation
+
+
+def test_a_file_of_the_same_model_still_loads(data_root, tmp_path):
+    import train_net
+    from test_train_net import run_args
+
+    cfg = train_net.setup(run_args("OUTPUT_DIR", str(tmp_path / "a")))
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in train_net.Trainer(cfg).model.state_dict().items()}
+    path = str(tmp_path / "own.pth")
+    torch.save({"model": state}, path)
+    cfg = train_net.setup(run_args("MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "b")))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    loaded = trainer.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

@@ -6,6 +6,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 __all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text"]
 
+MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
+
 
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to ``path + ".tmp"``, flushed to disk, then renamed over ``path``: a crash
@@ -42,6 +44,37 @@ class AtomicCheckpointer(DetectionCheckpointer):
     """Writes each checkpoint to ``<name>.pth.tmp``, renames it into place, and only then
     marks it as the last checkpoint (``last_checkpoint`` replaced by a rename too): a crash or
     a failed write leaves the previous one as the latest, and no temporary file."""
+
+    def __init__(self, model, save_dir: str = "", *, allow_partial: bool = False, **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.allow_partial = allow_partial
+
+    def _load_model(self, checkpoint):
+        """detectron2's loading, then: a file that gives the backbone (almost) none of its
+        tensors stops with what it holds and what the model expected, unless
+        ``allow_partial`` (MODEL.ALLOW_PARTIAL_WEIGHTS); otherwise one line says how much
+        of the backbone and of the rest it loaded."""
+        held = list(checkpoint.get("model", {}))
+        incompatible = super()._load_model(checkpoint)
+        expected = [k for k in self.model.state_dict() if k.startswith("backbone.")]
+        if not expected:
+            return incompatible
+        bad = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
+        matched = sum(k not in bad for k in expected)
+        if matched < MIN_BACKBONE_SHARE * len(expected) and not self.allow_partial:
+            raise ValueError(
+                f"MODEL.WEIGHTS gives the backbone {matched} of its {len(expected)} tensors: the file holds "
+                f"{len(held)} tensors such as {held[:4]}, the model expects names such as {expected[:3]}. "
+                "It is a checkpoint of another architecture (convert ImageNet files with "
+                "tools/convert_pretrained.py), or set MODEL.ALLOW_PARTIAL_WEIGHTS True to start from it anyway."
+            )
+        others = [k for k in self.model.state_dict() if not k.startswith("backbone.")]
+        rest = sum(k not in bad for k in others)
+        self.logger.info(
+            f"loaded {matched} of {len(expected)} backbone tensors and {rest} of {len(others)} others; "
+            f"{len(bad)} kept their initialisation"
+        )
+        return incompatible
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
