@@ -5,7 +5,9 @@ CUDA and NCCL), DDP of CPU models, and the local process group."""
 import contextlib
 import functools
 import logging
+import os
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import detectron2
 import torch
@@ -76,12 +78,38 @@ def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: i
     )
 
 
+JOIN_TIMEOUT_S = 300.0  # default wait for every process to join (env DGE_JOIN_TIMEOUT, seconds)
+
+
+def _join(dist_url: str, world_size: int, rank: int, num_per_machine: int) -> None:
+    """gloo process group through a TCP store that waits ``DGE_JOIN_TIMEOUT`` seconds for the
+    others (collectives keep 30 minutes), with a message naming what is missing."""
+    timeout = float(os.environ.get("DGE_JOIN_TIMEOUT", JOIN_TIMEOUT_S))
+    url = urlparse(dist_url)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"--dist-url must be tcp://HOST:PORT for CPU processes; got {dist_url!r}")
+    try:
+        store = dist.TCPStore(
+            url.hostname, url.port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout)
+        )
+    except Exception as e:  # DistStoreError / RuntimeError, depending on the side that times out
+        machine = rank // num_per_machine
+        others = [m for m in range(world_size // num_per_machine) if m != machine]
+        raise RuntimeError(
+            f"rank {rank} (machine {machine}): not all {world_size} processes joined {dist_url} within "
+            f"{timeout:.0f} s; the processes of machine(s) {others} (ranks other than "
+            f"{machine * num_per_machine}..{(machine + 1) * num_per_machine - 1}) did not connect. Start "
+            "train_net.py on every machine with the same --dist-url and --num-machines and its own "
+            f"--machine-rank (DGE_JOIN_TIMEOUT sets the wait). ({type(e).__name__}: {e})"
+        ) from None
+    dist.init_process_group(
+        backend="gloo", store=store, world_size=world_size, rank=rank, timeout=timedelta(minutes=30)
+    )
+
+
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
     global_rank = machine_rank * num_per_machine + local_rank
-    dist.init_process_group(
-        backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank,
-        timeout=timedelta(minutes=30),
-    )
+    _join(dist_url, world_size, global_rank, num_per_machine)
     _set_local_process_group(num_per_machine, machine_rank, world_size)
     comm.synchronize()
     try:

@@ -64,3 +64,4 @@ def test_a_file_of_the_same_model_still_loads(data_root, tmp_path):
     trainer.resume_or_load(resume=False)
     loaded = trainer.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
