@@ -39,7 +39,11 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with cpu_ddp_support():
             super().__init__(cfg)
-        self.data_seed = self._trainer.data_loader.batches.seed
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the training stream (and of every step's random draws)."""
+        return self._trainer.data_loader.batches.seed
 
     def build_hooks(self):
         # Replaces DefaultTrainer's checkpointer before its hooks capture it.
@@ -64,14 +68,15 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
-        self.data_seed = state_dict.get("data_seed", self.data_seed)
+        if "data_seed" in state_dict:
+            self._trainer.data_loader.batches.seed = state_dict["data_seed"]
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         # The stream continues at the batch of the first iteration to run; the trainer's
         # iterator has not started its workers yet (ResumableLoader is lazy).
         loader = self._trainer.data_loader
-        loader.set_position(self.data_seed, self.start_iter)
+        loader.batches.start = self.start_iter  # one batch per iteration
         if hasattr(self._trainer, "_data_loader_iter_obj"):  # current detectron2: created on first use
             self._trainer._data_loader_iter_obj = None
         else:  # v0.6: created in SimpleTrainer.__init__
@@ -120,10 +125,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
         return build_detection_test_loader(
-            records, mapper=CheckedDatasetMapper(cfg, is_train=False), num_workers=cfg.DATALOADER.NUM_WORKERS
+            validated_test_records(cfg, dataset_name),
+            mapper=CheckedDatasetMapper(cfg, is_train=False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
@@ -135,6 +140,14 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"DATASETS.TRAIN mixes semantic segmentation with other tasks: {kinds}")
         augmentations = build_sem_seg_train_augmentation(cfg)
         return build_resumable_train_loader(cfg, CheckedDatasetMapper(cfg, is_train=True, augmentations=augmentations))
+
+
+def validated_test_records(cfg, dataset_name):
+    """The records of an evaluation dataset, checked (``dge.data.validation``; image checks
+    are cached, so checking before training and again at evaluation reads nothing twice)."""
+    records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
+    return records
 
 
 def setup(args):
@@ -157,6 +170,8 @@ def main(args):
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
+    for name in cfg.DATASETS.TEST:  # a broken evaluation set stops the run now, not after training
+        validated_test_records(cfg, name)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

@@ -124,3 +124,15 @@ def test_training_stops_before_the_first_step(data_root, tmp_path, case):
     message = "file does not exist" if case == "missing" else "does not decode"
     with pytest.raises(DatasetError, match=message):
         train_net.Trainer(cfg)
+
+
+def test_a_broken_evaluation_set_stops_training_before_it_starts(data_root, tmp_path, monkeypatch):
+    def edit(images, anns, folder):
+        os.remove(folder / images[0]["file_name"])
+
+    name = _copy_dataset(data_root, tmp_path, "dge_test_broken_val", edit)
+    started = []
+    monkeypatch.setattr(train_net.Trainer, "train", lambda self: started.append(True))
+    with pytest.raises(DatasetError, match="dge_test_broken_val.*file does not exist"):
+        train_net.main(run_args("DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out")))
+    assert not started

@@ -100,7 +100,9 @@ class _MappedBatches(IterableDataset):
         seed = step_seed(self.batches.seed, self.batches.rank, position, stream=1)
         np.random.seed(seed)
         random.seed(seed)
-        torch.manual_seed(seed)
+        # The CPU generator only (saved and restored): mapping in the main process (no workers)
+        # leaves the step's CUDA draws as they are, as mapping in a worker does.
+        torch.default_generator.manual_seed(seed)
         try:
             out = self.mapper(self.records[index])
         finally:
@@ -124,19 +126,14 @@ def _identity(batch):
 
 
 class ResumableLoader:
-    """The training loader: ``iter()`` gives batches from ``batches.start`` on; the data
-    loader (and its workers) start at the first ``next``, so that a resume can still move
-    the start after the trainer took its iterator."""
+    """The training loader: ``iter()`` gives batches from ``batches.start`` on, of the stream
+    of ``batches.seed``; the data loader (and its workers) start at the first ``next``, so
+    that a resume can still set both after the trainer took its iterator."""
 
     def __init__(self, dataset: _MappedBatches, num_workers: int):
         self.dataset = dataset
         self.batches = dataset.batches
         self.num_workers = num_workers
-
-    def set_position(self, seed: int, iteration: int) -> None:
-        """Continue the stream of ``seed`` at batch ``iteration`` (one batch per iteration)."""
-        self.batches.seed = seed
-        self.batches.start = iteration
 
     def __iter__(self):
         loader = DataLoader(
@@ -168,8 +165,8 @@ class _LazyIterator:
 
 def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = None) -> ResumableLoader:
     """detectron2's training set of ``cfg.DATASETS.TRAIN`` (same filtering), validated
-    (``dge.data.validation``), as a ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0, else one drawn and shared by
-    all ranks (the trainer keeps it in its checkpoints)."""
+    (``dge.data.validation``), as a ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0,
+    else one drawn and shared by all ranks (the trainer keeps it in its checkpoints)."""
     records = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
