@@ -17,7 +17,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from detectron2.structures import BoxMode
@@ -110,11 +110,10 @@ def _check_images(records: Sequence[dict], mode: str, report: ValidationReport) 
         progress.close()
     report.images_checked = len(jobs)
     errors = [e for e in errors if e]
+    from ..engine.checkpoint import atomic_write_text  # (dge.engine imports dge.data)
+
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"errors": errors}, f)
-    os.replace(tmp, cache)
+    atomic_write_text(json.dumps({"errors": errors}), cache)
     return errors
 
 
@@ -124,7 +123,9 @@ def _polygon_area(poly: Sequence[float]) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
 
-def _fix_annotation(ann: dict, where: str, hw: Tuple[int, int], policy: str, report: ValidationReport) -> Optional[dict]:
+def _fix_annotation(
+    ann: dict, where: str, hw: Tuple[int, int], policy: str, report: ValidationReport
+) -> Optional[dict]:
     """The annotation as it trains (clipped, degenerate polygons removed), None to drop it."""
     h, w = hw
     x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)

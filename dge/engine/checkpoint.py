@@ -9,35 +9,30 @@ __all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text"]
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path + ".tmp"``, flushed to disk, then renamed over ``path``: a crash
-    leaves the previous file whole."""
+def _atomic_write(path: str, mode: str, write) -> None:
+    """``write(f)`` into ``path + ".tmp"``, flushed to disk, then renamed over ``path``; on any
+    failure (disk full, interrupted) the temporary file is removed and ``path`` is untouched."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted: no partial file stays behind to fill the disk
+    except BaseException:  # no partial file stays behind to fill the disk
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` of ``obj`` to ``path`` in one rename: a crash leaves the previous file whole."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
     """``path`` replaced by ``text`` in one rename (readers see the old or the new file)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 class AtomicCheckpointer(DetectionCheckpointer):

@@ -1,10 +1,7 @@
 """Random state per training step, derived from (seed, rank, iteration)."""
-import random
-
-import numpy as np
-import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..data.loader import step_seed
 
@@ -18,7 +15,4 @@ class StepSeeds(HookBase):
     ``seed`` is read from ``trainer.data_seed`` (kept in the checkpoint)."""
 
     def before_step(self):
-        seed = step_seed(self.trainer.data_seed, comm.get_rank(), self.trainer.iter)
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        seed_all_rng(step_seed(self.trainer.data_seed, comm.get_rank(), self.trainer.iter))

@@ -19,7 +19,14 @@ from .grained import (
 )
 from .router import GrainedRouter
 
-__all__ = ["DynamicGrainedEncoder", "RoutingInfo", "ROUTING_KINDS", "ACCOUNTING_DTYPE", "is_capturing", "specialize_to_input"]
+__all__ = [
+    "DynamicGrainedEncoder",
+    "RoutingInfo",
+    "ROUTING_KINDS",
+    "ACCOUNTING_DTYPE",
+    "is_capturing",
+    "specialize_to_input",
+]
 
 ROUTING_KINDS = ("region", "layer")
 # Query counts, FLOPs and β are summed in float32 whatever the activations are (a block's

@@ -1,4 +1,5 @@
 """The dynamic grained router (Sec. 3.2.2): one granularity per region."""
+import contextlib
 import math
 from typing import Optional, Tuple
 
@@ -42,11 +43,10 @@ class GrainedRouter(nn.Module):
         the scores do not depend on the precision the blocks run in (the gate is C×K: the
         casts cost nothing; in float32 they are no-ops)."""
         x = region_features.float()
-        weight, bias = self.gate.weight.float(), self.gate.bias.float()
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return F.linear(x, weight, bias)  # Eq. 1
-        return F.linear(x, weight, bias)  # Eq. 1
+        device = x.device.type
+        exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with exact:
+            return F.linear(x, self.gate.weight.float(), self.gate.bias.float())  # Eq. 1
 
     @staticmethod
     def select(
