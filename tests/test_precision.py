@@ -22,7 +22,6 @@ if os.environ.get("DGE_PRECISION_PAPER"):
 else:
     HALF_CASES = [(name, (224, 224)) for name in MODELS]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def routed_model(name: str, x: torch.Tensor, target: float = 0.5):
@@ -190,9 +189,10 @@ def test_cuda_packed_attention_equals_cpu(dtype):
     assert ((out - ref).abs().max() / ref.abs().max()).item() < tol
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@CUDA
 @pytest.mark.parametrize("name", MODELS)
-def test_model_on_device_equals_cpu_float32(device, name):
+def test_cuda_model_equals_cpu_float32(name):
+    device = "cuda"
     torch.manual_seed(6)
     x = torch.randn(2, 3, 160, 160)
     model = routed_model(name, x[:1])
