@@ -1,6 +1,7 @@
 """Every config key dge adds to detectron2's config, with its default."""
 import difflib
 import re
+import warnings
 from typing import Sequence
 
 from detectron2.config import CfgNode as CN
@@ -114,4 +115,20 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     merge_config(cfg, config_file, opts)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
+    _warn_small_inputs(cfg)
     return cfg
+
+
+MIN_SIDE = 64  # px: below it the stride-32 stage has fewer than 2 tokens per side
+
+
+def _warn_small_inputs(cfg: CN) -> None:
+    sizes = {"INPUT.MIN_SIZE_TEST": [cfg.INPUT.MIN_SIZE_TEST], "INPUT.MIN_SIZE_TRAIN": list(cfg.INPUT.MIN_SIZE_TRAIN)}
+    for key, values in sizes.items():
+        small = [v for v in values if 0 < v < MIN_SIDE]  # 0: no resizing (detectron2)
+        if small:
+            warnings.warn(
+                f"{key} {small[0]} is below {MIN_SIDE} px: the stride-32 stage gets fewer than 2 tokens per side "
+                "and a DGE region covers more than the image; detections at this size are not meaningful",
+                stacklevel=2,
+            )

@@ -136,3 +136,15 @@ def test_a_broken_evaluation_set_stops_training_before_it_starts(data_root, tmp_
     with pytest.raises(DatasetError, match="dge_test_broken_val.*file does not exist"):
         train_net.main(run_args("DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out")))
     assert not started
+
+
+def test_a_tiny_test_size_is_warned_about():
+    from dge.config import load_config
+
+    with pytest.warns(UserWarning, match="INPUT.MIN_SIZE_TEST 8 is below 64 px"):
+        load_config("configs/demo_pvt_dge_synthetic.yaml", ["INPUT.MIN_SIZE_TEST", 8])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("configs/demo_pvt_dge_synthetic.yaml")  # the demo's sizes: no warning
