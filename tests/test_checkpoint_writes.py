@@ -65,3 +65,32 @@ def test_a_file_of_the_same_model_still_loads(data_root, tmp_path):
     loaded = trainer.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
+
+
+def _saved_model(tmp_path, name, *opts):
+    import train_net
+    from detectron2.modeling import build_model
+    from test_train_net import run_args
+
+    cfg = train_net.setup(run_args(*opts, "OUTPUT_DIR", str(tmp_path / name)))
+    path = str(tmp_path / f"{name}.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, path)
+    return path
+
+
+def test_loading_says_what_kept_its_initialisation(data_root, tmp_path):
+    import train_net
+    from test_train_net import run_args
+
+    vanilla = _saved_model(tmp_path, "vanilla", "MODEL.DGE.ENABLED", "False")
+    three_classes = _saved_model(tmp_path, "three", "MODEL.ROI_HEADS.NUM_CLASSES", "3")
+    summaries = []
+    for path in (vanilla, three_classes):
+        cfg = train_net.setup(run_args("MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "run")))
+        trainer = train_net.Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        summaries.append(trainer.checkpointer.last_load_summary)
+    routers = sum(".router." in k for k in trainer.model.state_dict())
+    assert summaries[0].endswith(f"at initialisation: routers ({routers} tensors)"), summaries[0]
+    assert "re-initialised for their shape: roi_heads.box_predictor.cls_score.weight (4, " in summaries[1], summaries[1]
+    assert "at initialisation: heads (" in summaries[1]

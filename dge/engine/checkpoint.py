@@ -35,6 +35,33 @@ def atomic_write_text(text: str, path: str) -> None:
     _atomic_write(path, "w", lambda f: f.write(text))
 
 
+def _part(key: str) -> str:
+    """Which part of a detectron2 DGE model a state-dict key belongs to, for messages."""
+    if ".router." in key:
+        return "routers"
+    if not key.startswith("backbone."):
+        return "heads"
+    return "FPN" if "fpn" in key and not key.startswith("backbone.bottom_up.") else "backbone blocks"
+
+
+def _load_summary(state: dict, incompatible, matched: int, backbone: int) -> str:
+    """One line: how much of the backbone was loaded, which parts kept their initialisation
+    (an ImageNet file: FPN and heads; a vanilla file: the routers) and which tensors were
+    re-initialised for their shape (another class count: the class-dependent layers)."""
+    kept = {}
+    for k in incompatible.missing_keys:
+        kept[_part(k)] = kept.get(_part(k), 0) + 1
+    line = f"loaded {matched} of {backbone} backbone tensors and {len(state) - len(incompatible.missing_keys)} in all"
+    if kept:
+        line += "; at initialisation: " + ", ".join(f"{part} ({n} tensors)" for part, n in sorted(kept.items()))
+    if incompatible.incorrect_shapes:
+        shown = ", ".join(f"{k} {tuple(a)} in the file, {tuple(b)} here" for k, a, b in incompatible.incorrect_shapes[:3])
+        line += f"; re-initialised for their shape: {shown}"
+        if len(incompatible.incorrect_shapes) > 3:
+            line += f" and {len(incompatible.incorrect_shapes) - 3} more"
+    return line
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """Writes each checkpoint to ``<name>.pth.tmp``, renames it into place, and only then
     marks it as the last checkpoint (``last_checkpoint`` replaced by a rename too): a crash or
@@ -63,12 +90,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "It is a checkpoint of another architecture (convert ImageNet files with "
                 "tools/convert_pretrained.py), or set MODEL.ALLOW_PARTIAL_WEIGHTS True to start from it anyway."
             )
-        others = [k for k in self.model.state_dict() if not k.startswith("backbone.")]
-        rest = sum(k not in bad for k in others)
-        self.logger.info(
-            f"loaded {matched} of {len(expected)} backbone tensors and {rest} of {len(others)} others; "
-            f"{len(bad)} kept their initialisation"
-        )
+        self.last_load_summary = _load_summary(self.model.state_dict(), incompatible, matched, len(expected))
+        self.logger.info(self.last_load_summary)
         return incompatible
 
     def save(self, name: str, **kwargs) -> None:
