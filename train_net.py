@@ -19,6 +19,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
 from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter
 from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
@@ -28,7 +29,7 @@ from dge.data import CheckedDatasetMapper, check_datasets
 from dge.data.loader import build_resumable_train_loader
 from dge.data.validation import validate_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
-from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, StepSeeds, build_optimizer
+from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, StepSeeds, WholeLinesJSONWriter, build_optimizer
 
 logger = logging.getLogger("dge")
 
@@ -54,6 +55,15 @@ class Trainer(DefaultTrainer):
             trainer=weakref.proxy(self),
         )
         return [StepSeeds()] + super().build_hooks()
+
+    def build_writers(self):
+        # metrics.json through a writer that never leaves a half-written line (disk full).
+        writers = super().build_writers()
+        for i, writer in enumerate(writers):
+            if isinstance(writer, JSONWriter):
+                writer.close()
+                writers[i] = WholeLinesJSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))
+        return writers
 
     # detectron2 v0.6's DefaultTrainer checkpoints no optimizer state (later versions do):
     # save and restore it, and the data seed (the data position and every random draw

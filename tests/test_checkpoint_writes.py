@@ -94,3 +94,43 @@ def test_loading_says_what_kept_its_initialisation(data_root, tmp_path):
     assert summaries[0].endswith(f"at initialisation: routers ({routers} tensors)"), summaries[0]
     assert "re-initialised for their shape: roi_heads.box_predictor.cls_score.weight (4, " in summaries[1], summaries[1]
     assert "at initialisation: heads (" in summaries[1]
+
+
+def test_metrics_json_keeps_whole_lines_when_a_write_fails(tmp_path, monkeypatch):
+    import json
+
+    from detectron2.utils.events import EventStorage
+
+    from dge.engine import WholeLinesJSONWriter
+    from dge.engine import metrics as metrics_module
+
+    path = str(tmp_path / "metrics.json")
+    writer = WholeLinesJSONWriter(path)
+    with EventStorage(0) as storage:
+        storage.put_scalar("loss", 1.5, smoothing_hint=False)
+        writer.write()
+        storage.iter = 1
+        storage.put_scalar("loss", 1.25, smoothing_hint=False)
+        real = metrics_module.os.write
+
+        def full(fd, data):
+            real(fd, bytes(data[: len(data) // 2]))  # half a line reaches the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(metrics_module.os, "write", full)
+        with pytest.raises(OSError, match="No space left"):
+            writer.write()
+    lines = open(path).read().splitlines()
+    assert [json.loads(line) for line in lines] == [{"iteration": 0, "loss": 1.5}]
+
+
+def test_the_trainer_writes_metrics_through_the_whole_lines_writer(data_root, tmp_path):
+    import train_net
+    from detectron2.utils.events import JSONWriter
+    from test_train_net import run_args
+
+    from dge.engine import WholeLinesJSONWriter
+
+    trainer = train_net.Trainer(train_net.setup(run_args("OUTPUT_DIR", str(tmp_path))))
+    json_writers = [w for w in trainer.build_writers() if isinstance(w, JSONWriter)]
+    assert len(json_writers) == 1 and isinstance(json_writers[0], WholeLinesJSONWriter)

@@ -1,6 +1,8 @@
-"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints, step seeds, a checked predictor."""
+"""Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints,
+whole-line metrics, step seeds, a checked predictor."""
 from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator
+from .metrics import WholeLinesJSONWriter
 from .optimizer import build_optimizer, no_weight_decay_params
 from .seeds import StepSeeds
 from .predictor import Predictor, as_predictor_image
