@@ -1,11 +1,12 @@
 """Everything that differs between detectron2 v0.6 (pb1-detectron2, no compiled ops) and
 current detectron2 built from source goes through this module, nowhere else:
-compiled ops and the COCO evaluator's fast path, multi-process launch on CPU (v0.6 asserts
-CUDA and NCCL), DDP of CPU models, and the local process group."""
+compiled ops and the COCO evaluator's fast path, multi-process launch (v0.6 asserts CUDA and
+NCCL; both wait 30 minutes for a missing peer), DDP of CPU models, and the local process group."""
 import contextlib
 import functools
 import logging
 import os
+import time
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -54,15 +55,17 @@ def coco_evaluator(dataset_name: str, output_dir=None, **kwargs):
 
 # ---------------------------------------------------------------------------- launch
 def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: int = 0, dist_url=None, args=()):
-    """detectron2's ``launch`` on GPUs; on a machine without CUDA, ``num_processes`` CPU
-    processes per machine joined by the gloo backend (v0.6 asserts CUDA, so this is ours)."""
-    if torch.cuda.is_available():
-        from detectron2.engine import launch as d2_launch
-
-        return d2_launch(main_func, num_processes, num_machines, machine_rank, dist_url, args=args)
+    """detectron2's ``launch`` with a join that gives up after ``DGE_JOIN_TIMEOUT`` seconds and
+    names the ranks that did not connect: ``num_processes`` processes per machine, one per GPU
+    joined by NCCL where CUDA is present, CPU processes joined by gloo otherwise (v0.6 asserts
+    CUDA)."""
     world_size = num_processes * num_machines
     if world_size == 1:
         return main_func(*args)
+    if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
+        raise ValueError(
+            f"--num-gpus {num_processes} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if dist_url == "auto":
         if num_machines != 1:
             raise ValueError('dist_url="auto" is only for one machine; give tcp://HOST:PORT')
@@ -70,7 +73,7 @@ def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: i
 
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     torch.multiprocessing.start_processes(
-        _cpu_worker,
+        _worker,
         nprocs=num_processes,
         args=(main_func, world_size, num_processes, machine_rank, dist_url, args),
         daemon=False,
@@ -79,37 +82,72 @@ def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: i
 
 
 JOIN_TIMEOUT_S = 300.0  # default wait for every process to join (env DGE_JOIN_TIMEOUT, seconds)
+_JOINED = "dge/joined/{}"
 
 
-def _join(dist_url: str, world_size: int, rank: int, num_per_machine: int) -> None:
-    """gloo process group through a TCP store that waits ``DGE_JOIN_TIMEOUT`` seconds for the
-    others (collectives keep 30 minutes), with a message naming what is missing."""
+def _join(dist_url: str, world_size: int, rank: int, num_per_machine: int, backend: str) -> None:
+    """Process group through a TCP store: every rank registers, and each waits
+    ``DGE_JOIN_TIMEOUT`` seconds for the others before it stops with the ranks still missing
+    (collectives keep detectron2's 30 minutes)."""
     timeout = float(os.environ.get("DGE_JOIN_TIMEOUT", JOIN_TIMEOUT_S))
     url = urlparse(dist_url)
     if url.scheme != "tcp" or not url.hostname or not url.port:
-        raise ValueError(f"--dist-url must be tcp://HOST:PORT for CPU processes; got {dist_url!r}")
+        raise ValueError(f"--dist-url must be tcp://HOST:PORT; got {dist_url!r}")
+    hint = (
+        "Start train_net.py on every machine with the same --dist-url, --num-machines and --num-gpus "
+        "and its own --machine-rank (DGE_JOIN_TIMEOUT sets the wait)."
+    )
+    deadline = time.monotonic() + timeout
     try:
         store = dist.TCPStore(
-            url.hostname, url.port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout)
+            url.hostname, url.port, None, is_master=rank == 0,
+            timeout=timedelta(seconds=timeout), wait_for_workers=False,
         )
-    except Exception as e:  # DistStoreError / RuntimeError, depending on the side that times out
-        machine = rank // num_per_machine
-        others = [m for m in range(world_size // num_per_machine) if m != machine]
+    except Exception as e:  # DistStoreError / RuntimeError: rank 0's store is not reachable
         raise RuntimeError(
-            f"rank {rank} (machine {machine}): not all {world_size} processes joined {dist_url} within "
-            f"{timeout:.0f} s; the processes of machine(s) {others} (ranks other than "
-            f"{machine * num_per_machine}..{(machine + 1) * num_per_machine - 1}) did not connect. Start "
-            "train_net.py on every machine with the same --dist-url and --num-machines and its own "
-            f"--machine-rank (DGE_JOIN_TIMEOUT sets the wait). ({type(e).__name__}: {e})"
+            f"rank {rank}: could not reach rank 0 (machine 0) at {dist_url} within {timeout:.0f} s. "
+            f"{hint} ({type(e).__name__}: {e})"
         ) from None
+    store.set(_JOINED.format(rank), str(rank // num_per_machine))
+    missing = list(range(world_size))
+    while True:
+        try:
+            missing = [r for r in missing if not store.check([_JOINED.format(r)])]
+        except Exception as e:  # rank 0 gave up and its store went away
+            raise RuntimeError(
+                f"rank {rank}: lost rank 0's store at {dist_url} while waiting for rank(s) "
+                f"{_ranges(missing)} to join. {hint} ({type(e).__name__}: {e})"
+            ) from None
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if missing:
+        machines = sorted({r // num_per_machine for r in missing})
+        raise RuntimeError(
+            f"rank {rank}: not all {world_size} processes joined {dist_url} within {timeout:.0f} s; "
+            f"missing rank(s) {_ranges(missing)} (machine(s) {machines}). {hint}"
+        )
     dist.init_process_group(
-        backend="gloo", store=store, world_size=world_size, rank=rank, timeout=timedelta(minutes=30)
+        backend=backend, store=store, world_size=world_size, rank=rank, timeout=timedelta(minutes=30)
     )
 
 
-def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
+def _ranges(ranks) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def _worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args):
     global_rank = machine_rank * num_per_machine + local_rank
-    _join(dist_url, world_size, global_rank, num_per_machine)
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        torch.cuda.set_device(local_rank)
+    _join(dist_url, world_size, global_rank, num_per_machine, "nccl" if has_gpu else "gloo")
     _set_local_process_group(num_per_machine, machine_rank, world_size)
     comm.synchronize()
     try:
