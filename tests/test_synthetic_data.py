@@ -16,7 +16,7 @@ from dge.data import (
     generate_synthetic_coco,
     register_synthetic_datasets,
 )
-from dge.data.synthetic import _mask_to_polygons
+from dge.data.shapes import _mask_to_polygons
 
 # Small enough for each test to take a second or two on a CPU.
 SMALL = {"num_train": 6, "num_val": 6, "image_size": (64, 96)}
