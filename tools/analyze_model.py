@@ -53,7 +53,7 @@ from torch.nn import functional as F
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
 from dge.analysis import ImageFlops, analyze_images, flops_summary, format_flops_report
-from dge.analysis.flops import detectron2_analysis
+from dge.analysis.flop_count import detectron2_analysis
 from dge.config import add_dge_config, merge_config
 
 logger = logging.getLogger("detectron2")

@@ -1,6 +1,6 @@
 """Analysis of dge models: per-image FLOPs with fvcore (``flops``) and gate maps (``gates``)."""
+from .flop_count import FlopCountAnalysis
 from .flops import (
-    FlopCountAnalysis,
     ImageFlops,
     LayerFlops,
     analyze_image,
