@@ -17,10 +17,8 @@ import weakref
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
-from detectron2.solver.lr_scheduler import LRMultiplier, WarmupParamScheduler
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter
-from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
@@ -29,7 +27,14 @@ from dge.data import CheckedDatasetMapper, check_datasets
 from dge.data.loader import build_resumable_train_loader
 from dge.data.validation import validate_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
-from dge.engine import AtomicCheckpointer, DGEStatsEvaluator, StepSeeds, WholeLinesJSONWriter, build_optimizer
+from dge.engine import (
+    AtomicCheckpointer,
+    DGEStatsEvaluator,
+    StepSeeds,
+    WholeLinesJSONWriter,
+    build_lr_scheduler,
+    build_optimizer,
+)
 
 logger = logging.getLogger("dge")
 
@@ -112,26 +117,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
-        # detectron2's schedulers, and "WarmupPolyLR": BASE_LR·(1 − t / MAX_ITER)^POLY_LR_POWER after the
-        # usual warm-up, down to 0 (mmsegmentation's "poly", the segmentation recipe). The checkpoint
-        # keeps only the iteration: a resumed run follows the schedule of its own config.
-        name, power = cfg.SOLVER.LR_SCHEDULER_NAME, cfg.SOLVER.POLY_LR_POWER
-        if name != "WarmupPolyLR":
-            try:
-                return super().build_lr_scheduler(cfg, optimizer)
-            except ValueError as e:
-                if "Unknown LR scheduler" not in str(e):
-                    raise
-                raise ValueError(
-                    "SOLVER.LR_SCHEDULER_NAME must be WarmupPolyLR or one of detectron2's "
-                    f"(WarmupMultiStepLR, WarmupCosineLR, ...); got {name!r}"
-                ) from None
-        if power <= 0:
-            raise ValueError(f"SOLVER.POLY_LR_POWER must be > 0; got {power}")
-        warmup = min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0)
-        poly = PolynomialDecayParamScheduler(1.0, power)
-        poly = WarmupParamScheduler(poly, cfg.SOLVER.WARMUP_FACTOR, warmup, cfg.SOLVER.WARMUP_METHOD)
-        return LRMultiplier(optimizer, multiplier=poly, max_iter=cfg.SOLVER.MAX_ITER)
+        return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

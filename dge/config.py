@@ -6,6 +6,10 @@ from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 
+from dge.layers import BudgetLoss, DGEOptions
+
+_DGE, _BUDGET = DGEOptions(), BudgetLoss()  # the DGE defaults' one home
+
 
 def add_dge_config(cfg: CN) -> CN:
     """Add the MODEL.PVT, MODEL.DGE, SOLVER, INPUT and DATALOADER keys to ``cfg`` (in place) and return it."""
@@ -31,21 +35,21 @@ def add_dge_config(cfg: CN) -> CN:
     # Wrap every encoder block of the backbone in a Dynamic Grained Encoder.
     cfg.MODEL.DGE.ENABLED = False
     # Φ, candidate granularities (patch sides in tokens); 0 means "skip the region".
-    cfg.MODEL.DGE.GRANULARITIES = [1, 2, 4]
+    cfg.MODEL.DGE.GRANULARITIES = list(_DGE.granularities)
     # S, region side in tokens; 0 uses max(Φ).
-    cfg.MODEL.DGE.REGION_SIZE = 0
+    cfg.MODEL.DGE.REGION_SIZE = _DGE.region_size or 0
     # "region" (per S×S region) or "layer" (one granularity per feature map, Table 1).
-    cfg.MODEL.DGE.ROUTING = "region"
+    cfg.MODEL.DGE.ROUTING = _DGE.routing
     # τ, temperature of the Gumbel-softmax score (Eq. 5).
-    cfg.MODEL.DGE.GUMBEL_TAU = 1.0
+    cfg.MODEL.DGE.GUMBEL_TAU = _DGE.gumbel_tau
     # Compute all granularities in training and mix them (vtpack) instead of only the chosen one.
-    cfg.MODEL.DGE.DENSE_TRAIN = False
+    cfg.MODEL.DGE.DENSE_TRAIN = _DGE.dense_train
     # Initial router probability of the finest granularity.
-    cfg.MODEL.DGE.INIT_FINE_PROB = 0.95
+    cfg.MODEL.DGE.INIT_FINE_PROB = _DGE.init_fine_prob
     # γ, target complexity ratio of the budget loss (Eq. 8).
-    cfg.MODEL.DGE.BUDGET = 0.5
+    cfg.MODEL.DGE.BUDGET = _BUDGET.budget
     # λ, weight of the budget loss (Eq. 8).
-    cfg.MODEL.DGE.BUDGET_WEIGHT = 1.0
+    cfg.MODEL.DGE.BUDGET_WEIGHT = _BUDGET.weight
     # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
     cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 

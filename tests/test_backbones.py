@@ -190,7 +190,7 @@ def test_timm_dge_model_classifies_and_gives_pyramid_features():
     assert [tuple(m.shape) for m in maps] == [(2, 64, 64, 64), (2, 128, 32, 32), (2, 320, 16, 16), (2, 512, 8, 8)]
 
 
-@pytest.mark.parametrize("name", ["dpvt_small_dge", "deit_small_dge", "deit_tiny_patch16_256", "pvt_tiny"])
+@pytest.mark.parametrize("name", ["dpvt_small_dge", "deit_small_dge", "deit_tiny_vanilla", "pvt_tiny"])
 def test_timm_models_classify_at_other_input_sizes(name):
     model = timm.create_model(name, num_classes=7).eval()
     with torch.no_grad():
@@ -208,7 +208,7 @@ def test_registered_names_do_not_shadow_timm_models():
     ours = {
         *(f"pvt_{s}{d}" for s in ("tiny", "small", "medium", "large") for d in ("", "_dge")),
         *(f"dpvt_{s}{d}" for s in ("tiny", "small", "medium") for d in ("", "_dge")),
-        "deit_tiny_patch16_256", "deit_small_patch16_256", "deit_tiny_dge", "deit_small_dge",
+        "deit_tiny_vanilla", "deit_small_vanilla", "deit_tiny_dge", "deit_small_dge",
     }
     assert ours <= set(timm.list_models())
     for name in ours:

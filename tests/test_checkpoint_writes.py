@@ -134,3 +134,47 @@ def test_the_trainer_writes_metrics_through_the_whole_lines_writer(data_root, tm
     trainer = train_net.Trainer(train_net.setup(run_args("OUTPUT_DIR", str(tmp_path))))
     json_writers = [w for w in trainer.build_writers() if isinstance(w, JSONWriter)]
     assert len(json_writers) == 1 and isinstance(json_writers[0], WholeLinesJSONWriter)
+
+
+def test_a_dge_checkpoint_evaluates_as_its_vanilla_twin_with_dge_disabled(data_root, tmp_path):
+    """MODEL.DGE.ENABLED False on a DGE checkpoint: the blocks load (``.block.`` mapped), only
+    the routers are unused, and the vanilla model computes what the DGE model computes with
+    every region at φ = 1."""
+    import train_net
+    from detectron2.modeling import build_model
+    from test_train_net import run_args
+
+    from dge.analysis.calibration import set_logit_offset
+    from dge.engine import AtomicCheckpointer
+
+    cfg = train_net.setup(run_args("MODEL.DGE.ENABLED", "True", "OUTPUT_DIR", str(tmp_path / "dge")))
+    torch.manual_seed(0)
+    dge_model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in dge_model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # "trained": unlike any initialisation
+    path = str(tmp_path / "dge.pth")
+    torch.save({"model": dge_model.state_dict()}, path)
+
+    cfg = train_net.setup(run_args("MODEL.DGE.ENABLED", "False", "OUTPUT_DIR", str(tmp_path / "vanilla")))
+    vanilla = build_model(cfg).eval()
+    checkpointer = AtomicCheckpointer(vanilla)
+    incompatible = checkpointer._load_model(checkpointer._load_file(path))  # what load() logs
+    assert not incompatible.missing_keys
+    assert incompatible.unexpected_keys and all(".router." in k for k in incompatible.unexpected_keys)
+    dge_state = dge_model.state_dict()
+    for key, value in vanilla.state_dict().items():
+        twin = key
+        if key not in dge_state:
+            stage, _, rest = key.partition(".blocks.")
+            index, _, param = rest.partition(".")
+            twin = f"{stage}.blocks.{index}.block.{param}"
+        assert torch.equal(value, dge_state[twin]), key
+
+    set_logit_offset(dge_model, [1e4])  # every region at the finest granularity
+    x = torch.rand(1, 3, 96, 128) * 255
+    with torch.no_grad():
+        a = vanilla.backbone(vanilla.preprocess_image([{"image": x[0]}]).tensor)
+        b = dge_model.backbone(dge_model.preprocess_image([{"image": x[0]}]).tensor)
+    for name in a:
+        assert (a[name] - b[name]).abs().max() < 1e-4, name

@@ -23,8 +23,9 @@ from torch.nn import functional as F
 
 from dge.config import add_dge_config
 from dge.layers import DynamicGrainedEncoder
-from dge.modeling.backbone.deit import convert_deit_state_dict
-from dge.modeling.backbone.pvt import convert_pvt_state_dict, resample_pos_embed
+from dge.modeling.backbone.convert import convert_deit_state_dict
+from dge.modeling.backbone.convert import convert_pvt_state_dict
+from dge.modeling.backbone.utils import resample_pos_embed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -338,7 +339,7 @@ def test_timm_deit_weights_give_timm_logits():
     reference = timm.create_model("deit_tiny_patch16_224").double().eval()
     for p in reference.parameters():  # random, not the zero-initialised biases
         p.data.normal_(0, 0.05)
-    ours = timm.create_model("deit_tiny_patch16_256", img_size=224).double().eval()
+    ours = timm.create_model("deit_tiny_vanilla", img_size=224).double().eval()
     conversion = convert_deit_state_dict(reference.state_dict(), ours)
     assert not conversion.missing and not conversion.unexpected
     ours.load_state_dict(conversion.state_dict)

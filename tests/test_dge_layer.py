@@ -59,7 +59,7 @@ def reference_dge(block, x, hw, gmap, region, num_extra=0):
                         members.append([(i, j) for i in ys for j in xs])
         q = torch.stack([*x[b, :num_extra], *queries])[None]
         cen = torch.tensor([[0.0, 0.0]] * num_extra + centers)[None]
-        y = block(q, x[b : b + 1], hw, cen)[0]
+        y = block.forward_queries(q, x[b : b + 1], hw, cen)[0]
         out[b, :num_extra] = y[:num_extra]
         for k, toks in enumerate(members):
             for i, j in toks:
@@ -75,7 +75,7 @@ def test_all_fine_granularity_equals_vanilla_block(kind):
     x = torch.randn(3, hw[0] * hw[1], C)
     centers = token_centers(*hw).expand(3, -1, -1)
     with torch.no_grad():
-        vanilla = block(x, x, hw, centers)
+        vanilla = block.forward_queries(x, x, hw, centers)
         ones = torch.ones(3, 4, 5, dtype=torch.long)
         assert (dge(x, hw, ones) - vanilla).abs().max() < 1e-5
         # The general gather/scatter path: image 0 all-1 beside images with coarser maps.
@@ -290,7 +290,7 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     assert (a - b).abs().max() < 1e-5
     calls, kv_calls = [], []
     handles = [
-        block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1])),
+        block.attn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1])),
         block.attn.sr.register_forward_hook(lambda m, i, o: kv_calls.append(1)),
     ]
     sparse(x, hw)
@@ -504,7 +504,7 @@ def test_the_all_fine_shortcut_equals_the_tensor_program(monkeypatch):
     x = torch.randn(1, hw[0] * hw[1], C)
     ones = torch.ones(1, 4, 5, dtype=torch.long)
     calls = []
-    block.register_forward_hook(lambda m, i, o: calls.append(i[0] is i[1]))
+    block.attn.register_forward_hook(lambda m, i, o: calls.append(i[0] is i[1]))
     with torch.no_grad():
         eager = dge(x, hw, ones)
         monkeypatch.setattr(encoder_module, "is_capturing", lambda: True)

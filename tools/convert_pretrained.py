@@ -28,12 +28,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import timm  # noqa: E402
+import timm
 
-import dge  # noqa: E402
-from dge.modeling.backbone import d2, deit, pvt  # noqa: E402  (also registers the timm models)
+import dge
+from dge.modeling.backbone import convert, d2  # (also registers the timm models)
 
 logger = logging.getLogger("convert_pretrained")
 
@@ -100,11 +99,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.config_file and args.format != "d2":
         parser.error("--config-file converts for detectron2: use --format d2")
 
-    state_dict = pvt.unwrap_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
+    state_dict = convert.unwrap_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
     model, family = build_target(args, state_dict)
-    convert = deit.convert_deit_state_dict if family == "deit" else pvt.convert_pvt_state_dict
+    convert_fn = convert.convert_deit_state_dict if family == "deit" else convert.convert_pvt_state_dict
     try:
-        conversion = convert(state_dict, model)
+        conversion = convert_fn(state_dict, model)
     except ValueError as e:
         logger.error(f"{args.source}: {e}")
         return 1

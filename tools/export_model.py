@@ -42,13 +42,12 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dge  # noqa: E402,F401  (registration)
-from dge.analysis.calibration import calibrate, randomize_routers  # noqa: E402
-from dge.config import load_config  # noqa: E402
-from dge.data import iter_images  # noqa: E402
-from dge.export import (  # noqa: E402
+import dge  # noqa: F401  (registration)
+from dge.analysis.calibration import calibrate, randomize_routers
+from dge.config import load_config
+from dge.data import iter_images
+from dge.export import (
     FILE_SUFFIXES,
     FORMATS,
     ExportError,
@@ -59,7 +58,7 @@ from dge.export import (  # noqa: E402
     export_module,
     max_difference,
 )
-from dge.layers import dge_modules  # noqa: E402
+from dge.layers import dge_modules
 
 logger = logging.getLogger("dge.export")
 
@@ -71,7 +70,7 @@ def build(args):
 
         model = timm.create_model(args.timm_model, pretrained=False).eval()
         if args.weights:
-            from dge.modeling.backbone.pvt import unwrap_checkpoint
+            from dge.modeling.backbone.convert import unwrap_checkpoint
 
             model.load_state_dict(unwrap_checkpoint(torch.load(args.weights, map_location="cpu")))
         mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)

@@ -194,7 +194,7 @@ class RedundancyProbe:
             logits = model(images)
         probe.stats().query_ratio
 
-    The blocks must be called as the vanilla pyramid calls them: ``block(x, x, hw, centers)``.
+    Every vanilla block's ``forward_queries`` is probed (the call ``block(x, hw)`` makes).
     """
 
     def __init__(self, model: nn.Module, threshold: Optional[float] = None, bins: int = 100):
@@ -206,38 +206,33 @@ class RedundancyProbe:
 
     def __enter__(self) -> "RedundancyProbe":
         for i, (_, block) in enumerate(self.blocks):
-            self._handles.append(block.register_forward_pre_hook(self._hook(i)))
+            block.forward_queries = self._probe(i, block.forward_queries)  # an instance override
+            self._handles.append(block)
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for block in self._handles:
+            del block.forward_queries
         self._handles = []
 
-    def _hook(self, index: int):
+    def _probe(self, index: int, forward_queries):
         layer = self.layers[index]
+        module = self.blocks[index][1]
 
-        def hook(module: EncoderBlock, args):
-            if len(args) < 3:
-                raise RuntimeError(
-                    f"{layer.name} was called with {len(args)} positional arguments; the probe needs "
-                    "block(queries, context, hw[, centers])"
-                )
-            x, context, hw = args[0], args[1], tuple(args[2])
-            centers = args[3] if len(args) > 3 else None
+        def probed(x, context, hw, centers=None, *rest):
+            hw = tuple(hw)
             e = x.shape[1] - hw[0] * hw[1]
             coef = patch_correlation(x[:, e:], hw)  # [B, h2, w2, 4]
             mask = None if self.threshold is None else coef > self.threshold
             queries = x.shape[0] * hw[0] * hw[1] if mask is None else count_queries(mask, hw).sum().item()
             self._record(layer, module, coef, hw, e, queries)
-            if mask is None or not bool(mask.any()):
-                return None
-            queries = torch.cat([x[:, :e], replace_by_patch_mean(x[:, e:], hw, mask)], dim=1)
-            if centers is not None:
-                centers = torch.cat([centers[:, :e], replace_by_patch_mean(centers[:, e:], hw, mask)], dim=1)
-            return (queries, context, args[2], centers) + tuple(args[4:])
+            if mask is not None and bool(mask.any()):
+                x = torch.cat([x[:, :e], replace_by_patch_mean(x[:, e:], hw, mask)], dim=1)
+                if centers is not None:
+                    centers = torch.cat([centers[:, :e], replace_by_patch_mean(centers[:, e:], hw, mask)], dim=1)
+            return forward_queries(x, context, hw, centers, *rest)
 
-        return hook
+        return probed
 
     def _record(
         self, layer: _Layer, block: EncoderBlock, coef: torch.Tensor, hw: Tuple[int, int], e: int, queries: float

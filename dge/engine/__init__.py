@@ -3,6 +3,6 @@ whole-line metrics, step seeds, a checked predictor."""
 from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator
 from .metrics import WholeLinesJSONWriter
-from .optimizer import build_optimizer, no_weight_decay_params
+from .optimizer import build_lr_scheduler, build_optimizer, no_weight_decay_params, param_groups
 from .seeds import StepSeeds
 from .predictor import Predictor, as_predictor_image

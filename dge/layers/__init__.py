@@ -2,7 +2,17 @@
 accounting and the attention kinds of the vanilla blocks."""
 from .attention import DeformableAttention, SpatialReductionAttention
 from .block import EncoderBlock, Mlp
-from .complexity import ComplexityReport, budget_loss, complexity_report, dge_modules, dge_stages, routing_stats
-from .encoder import DynamicGrainedEncoder, RoutingInfo, is_capturing, specialize_to_input
+from .complexity import (
+    BudgetLoss,
+    ComplexityReport,
+    budget_loss,
+    complexity_report,
+    dge_modules,
+    dge_stages,
+    force_granularity,
+    routing_stats,
+)
+from .encoder import DGEOptions, DynamicGrainedEncoder, RoutingInfo, is_capturing, specialize_to_input
 from .grained import QueryRows, token_centers
+from .keys import map_block_keys, map_dge_keys
 from .router import GrainedRouter

@@ -1,10 +1,12 @@
 """The vanilla encoder block, in the form every DGE block wraps.
 
-Protocol: ``block(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2],
-rows=None)`` returns the updated queries [B, M, C] (residuals inside). The vanilla model
-calls ``block(x, x, hw, centers)``; a Dynamic Grained Encoder calls it with pooled queries,
-packed as rows [1, T, C] of B images, and ``rows`` (``dge.layers.grained.QueryRows``) saying
-whose rows they are: row-wise work runs unpadded, only the attention pads.
+Protocol: ``block(x [B, E + H*W, C], hw)`` is the block on every token, the call a vanilla
+and a DGE block (``DynamicGrainedEncoder``) share, so a stage runs either the same way.
+``block.forward_queries(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2],
+rows=None)`` returns the updated queries [B, M, C] (residuals inside): a Dynamic Grained
+Encoder calls it with pooled queries, packed as rows [1, T, C] of B images, and ``rows``
+(``dge.layers.grained.QueryRows``) saying whose rows they are: row-wise work runs unpadded,
+only the attention pads.
 """
 from typing import Optional, Tuple
 
@@ -13,7 +15,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from .attention import inference_tiles
-from .grained import QueryRows
+from .grained import QueryRows, token_centers
+from .keys import map_block_keys
 
 __all__ = ["Mlp", "EncoderBlock"]
 
@@ -78,7 +81,15 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """x: [B, E + H*W, C] (E extra tokens first) -> [B, E + H*W, C]: every token a query."""
+        b, e = x.shape[0], x.shape[1] - hw[0] * hw[1]
+        centers = token_centers(hw[0], hw[1], device=x.device).expand(b, -1, -1)  # float32 positions
+        if e:
+            centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
+        return self.forward_queries(x, x, hw, centers)
+
+    def forward_queries(
         self,
         queries: torch.Tensor,
         context: torch.Tensor,
@@ -90,6 +101,10 @@ class EncoderBlock(nn.Module):
         ctx = q if context is queries else self.norm1(context)
         x = queries + self._drop_path(self.attn(q, ctx, hw, query_centers, rows), rows)
         return x + self._drop_path(self.mlp(self.norm2(x)), rows)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        map_block_keys(state_dict, prefix, wrapped=False)  # a DGE checkpoint: keys with "block."
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_path(self, x: torch.Tensor, rows: Optional[QueryRows]) -> torch.Tensor:
         """Stochastic depth per image; for packed rows, every row of an image shares its draw."""

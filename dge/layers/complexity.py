@@ -1,14 +1,25 @@
-"""Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model."""
+"""Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model,
+and a fixed routing for all of them (``force_granularity``)."""
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .encoder import DynamicGrainedEncoder
 
-__all__ = ["ComplexityReport", "dge_modules", "dge_stages", "complexity_report", "routing_stats", "budget_loss"]
+__all__ = [
+    "BudgetLoss",
+    "ComplexityReport",
+    "dge_modules",
+    "dge_stages",
+    "complexity_report",
+    "force_granularity",
+    "routing_stats",
+    "budget_loss",
+]
 
 
 def dge_modules(model: nn.Module) -> List[DynamicGrainedEncoder]:
@@ -104,3 +115,77 @@ def budget_loss(beta: torch.Tensor, budget: float, weight: float = 1.0) -> torch
     if weight < 0:
         raise ValueError(f"budget loss weight must be >= 0; got {weight}")
     return weight * (beta.mean() - budget) ** 2  # Eq. 8
+
+
+@dataclass(frozen=True)
+class BudgetLoss:
+    """The budget loss of Eq. 8 applied to a model after its forward: the one place both
+    trainers (detectron2's ``BudgetLossMixin``, the classifier) take it from.
+
+    Attributes:
+        budget: γ ∈ [0, 1], the target complexity ratio.
+        weight: λ ≥ 0.
+    """
+
+    budget: float = 0.5
+    weight: float = 1.0
+
+    def __post_init__(self):
+        budget_loss(torch.zeros(1), self.budget, self.weight)  # the same checks and messages
+
+    def __call__(self, model: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+        """(λ(β̄ − γ)², ``routing_stats(model)``) of the last forward; (None, None) without DGE blocks."""
+        stats = routing_stats(model)
+        if stats is None:
+            return None, None
+        return budget_loss(stats["beta"], self.budget, self.weight), stats  # Eq. 8
+
+
+GranularitySpec = Union[int, Callable[[str, Tuple[int, int]], torch.Tensor]]
+
+
+@contextlib.contextmanager
+def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Iterator[None]:
+    """While active, every DGE block of ``model`` is called with a fixed ``granularity_map``
+    (its router does not run), by a forward pre-hook that fills the ``granularity_map``
+    argument of ``DynamicGrainedEncoder.forward(x, hw, granularity_map)``. Nested, the
+    innermost wins.
+
+    Args:
+        granularity: an int φ for every region (1: each block runs exactly its vanilla block:
+            the static model), or ``fn(block_name, (Hr, Wr)) -> [Hr, Wr] or [B, Hr, Wr]``
+            long map of values in the block's Φ.
+    Raises:
+        ValueError: an int ``granularity`` not in the Φ of every DGE block.
+    """
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)]
+    if isinstance(granularity, int):
+        bad = [(n, m.granularities) for n, m in named if granularity not in m.granularities]
+        if bad:
+            raise ValueError(
+                f"granularity {granularity} is not in Φ of DGE block {bad[0][0]!r}; allowed: {bad[0][1]}"
+            )
+
+    def make_hook(name: str):
+        def hook(module: DynamicGrainedEncoder, args, kwargs):
+            kwargs = dict(kwargs)
+            names = ("x", "hw", "granularity_map")
+            kwargs.update({k: a for k, a in zip(names, args)})
+            x, hw = kwargs["x"], kwargs["hw"]
+            regions = module.layout(hw, x.device).regions_hw
+            if isinstance(granularity, int):
+                gmap = torch.full((x.shape[0],) + regions, granularity, dtype=torch.long, device=x.device)
+            else:
+                gmap = torch.as_tensor(granularity(name, regions), device=x.device).long()
+                gmap = gmap.expand((x.shape[0],) + regions) if gmap.dim() == 2 else gmap
+            kwargs["granularity_map"] = gmap
+            return (), kwargs
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in named]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

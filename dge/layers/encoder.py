@@ -1,8 +1,8 @@
 """The Dynamic Grained Encoder (Sec. 3.2): sparse queries for any vanilla encoder block."""
 import contextlib
 import warnings
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,9 +17,11 @@ from .grained import (
     static_layout,
     unpack_tokens,
 )
+from .keys import map_block_keys
 from .router import GrainedRouter
 
 __all__ = [
+    "DGEOptions",
     "DynamicGrainedEncoder",
     "RoutingInfo",
     "ROUTING_KINDS",
@@ -105,23 +107,85 @@ def _check_granularities(granularities: Sequence[int], region_size: Optional[int
     return values
 
 
-class DynamicGrainedEncoder(nn.Module):
-    """Wraps a vanilla encoder block (``dge.layers.block`` protocol) with a router that gives
-    each S×S region one granularity φ ∈ Φ; the block runs on one pooled query per φ×φ
-    patch against the dense input, and ``x + unpool(block(q, x) - q)`` is returned.
+@dataclass(frozen=True)
+class DGEOptions:
+    """How a Dynamic Grained Encoder routes: the one home of these defaults (detectron2's
+    MODEL.DGE keys and the classifier's flags take theirs from here).
 
-    Args:
-        block: the vanilla block, ``block(queries, context, hw, query_centers)``.
-        dim: channels C.
+    Attributes:
         granularities: Φ, e.g. (1, 2, 4); 0 means "skip the region".
-        region_size: S; default max(Φ). Every φ must divide it.
+        region_size: S; None uses max(Φ). Every φ must divide it.
         routing: "region" (Sec. 3.2.2) or "layer" (the region is the whole map, Table 1).
         gumbel_tau: τ of the soft score (Eq. 5).
         dense_train: in training compute all K granularities and mix them with the one-hot
             straight-through gate (vtpack's default); False computes only the chosen one
             (Eq. 6 exactly, and cheaper).
-        num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
         init_fine_prob: initial router probability of the finest granularity.
+    """
+
+    granularities: Tuple[int, ...] = (1, 2, 4)
+    region_size: Optional[int] = None
+    routing: str = "region"
+    gumbel_tau: float = 1.0
+    dense_train: bool = False
+    init_fine_prob: float = 0.95
+
+    def __post_init__(self):
+        if self.routing not in ROUTING_KINDS:
+            raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {self.routing!r}")
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be > 0; got {self.gumbel_tau}")
+        object.__setattr__(self, "granularities", _check_granularities(self.granularities, None))  # sorted
+        if self.region_size is not None and self.region_size < 1:
+            raise ValueError(f"region_size must be >= 1; got {self.region_size}")
+        _check_granularities(self.granularities, self.region_size or max(self.granularities))
+
+    @classmethod
+    def coerce(cls, value: Union[None, bool, Mapping[str, Any], "DGEOptions"]) -> Optional["DGEOptions"]:
+        """None / False: no DGE; True: the defaults; a mapping of field names or an instance."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        names = tuple(f.name for f in fields(cls))
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"unknown DGE options {unknown}; allowed: {names}")
+        return cls(**value)
+
+    @classmethod
+    def from_config(cls, dge_cfg) -> "DGEOptions":
+        """From detectron2's ``cfg.MODEL.DGE`` (REGION_SIZE 0 means max(Φ))."""
+        return cls(
+            granularities=tuple(dge_cfg.GRANULARITIES),
+            region_size=dge_cfg.REGION_SIZE or None,
+            routing=dge_cfg.ROUTING,
+            gumbel_tau=dge_cfg.GUMBEL_TAU,
+            dense_train=dge_cfg.DENSE_TRAIN,
+            init_fine_prob=dge_cfg.INIT_FINE_PROB,
+        )
+
+    def replace(self, **changes) -> "DGEOptions":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class DynamicGrainedEncoder(nn.Module):
+    """Wraps a vanilla encoder block (``dge.layers.block`` protocol) with a router that gives
+    each S×S region one granularity φ ∈ Φ; the block runs on one pooled query per φ×φ
+    patch against the dense input, and ``x + unpool(block(q, x) - q)`` is returned. It takes
+    the vanilla block's call, ``dge(x, hw)``.
+
+    Args:
+        block: the vanilla block (``dge.layers.block`` protocol).
+        dim: channels C.
+        options: a ``DGEOptions`` (Φ, S, routing kind, τ, dense training, router
+            initialisation), or just Φ; keyword arguments of its fields override it.
+        num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
 
     After each forward ``last_routing`` holds a ``RoutingInfo``.
     """
@@ -130,34 +194,25 @@ class DynamicGrainedEncoder(nn.Module):
         self,
         block: nn.Module,
         dim: int,
-        granularities: Sequence[int] = (1, 2, 4),
-        region_size: Optional[int] = None,
-        routing: str = "region",
-        gumbel_tau: float = 1.0,
-        dense_train: bool = False,
+        options: Union[None, DGEOptions, Sequence[int]] = None,
         num_extra_tokens: int = 0,
-        init_fine_prob: float = 0.95,
+        **overrides,
     ):
         super().__init__()
-        if routing not in ROUTING_KINDS:
-            raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {routing!r}")
-        if gumbel_tau <= 0:
-            raise ValueError(f"gumbel_tau must be > 0; got {gumbel_tau}")
-        _check_granularities(granularities, None)
-        if region_size is None:
-            region_size = max(int(g) for g in granularities)
-        if region_size < 1:
-            raise ValueError(f"region_size must be >= 1; got {region_size}")
-        self.granularities = _check_granularities(granularities, region_size)
-        self.region_size = region_size
-        self.routing = routing
-        self.gumbel_tau = gumbel_tau
-        self.dense_train = dense_train
+        if options is not None and not isinstance(options, DGEOptions):
+            options, overrides = None, dict(overrides, granularities=options)
+        options = replace(options or DGEOptions(), **overrides)
+        self.options = options
+        self.granularities = options.granularities
+        self.region_size = options.region_size or max(options.granularities)
+        self.routing = options.routing
+        self.gumbel_tau = options.gumbel_tau
+        self.dense_train = options.dense_train
         self.num_extra_tokens = num_extra_tokens
         self.block = block
         k = len(self.granularities)
         fine = self.granularities.index(min(g for g in self.granularities if g > 0))
-        self.router = GrainedRouter(dim, k, fine_index=fine, init_fine_prob=init_fine_prob) if k > 1 else None
+        self.router = GrainedRouter(dim, k, fine_index=fine, init_fine_prob=options.init_fine_prob) if k > 1 else None
         self.register_buffer("_phi", torch.tensor(self.granularities), persistent=False)
         self.last_routing: Optional[RoutingInfo] = None
 
@@ -168,11 +223,7 @@ class DynamicGrainedEncoder(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A vanilla checkpoint stores the block's parameters without "block.": accept it.
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if not rest.startswith(("block.", "router.")):
-                state_dict[prefix + "block." + rest] = state_dict.pop(key)
+        map_block_keys(state_dict, prefix, wrapped=True)  # a vanilla checkpoint: keys without "block."
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ routing
@@ -264,7 +315,7 @@ class DynamicGrainedEncoder(nn.Module):
         centers = layout.token_centers.expand(b, -1, -1)  # float32 in any dtype (positions)
         if e:
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
-        return self.block(x, x, hw, centers)
+        return self.block.forward_queries(x, x, hw, centers)
 
     def _forward_sparse(self, x, pooled, layout, choice, chosen_p, hw):
         b, n, c = x.shape
@@ -296,7 +347,7 @@ class DynamicGrainedEncoder(nn.Module):
                 return x, packing.num_queries
         # Packed rows of all images (each image's extra tokens, then its queries).
         queries, centers = gather_queries(packing, query_sources(x, pooled, self.granularities))
-        y = self.block(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
+        y = self.block.forward_queries(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
         extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
@@ -328,7 +379,7 @@ class DynamicGrainedEncoder(nn.Module):
         # The block sees each image's extra tokens once, then every granularity's queries.
         queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
         centers = torch.cat([parts[0][3].new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
-        y = self.block(queries, x, hw, centers)
+        y = self.block.forward_queries(queries, x, hw, centers)
         deltas = (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
         out = x[:, e:]
         for (k, packing, _, _), delta in zip(parts, deltas):

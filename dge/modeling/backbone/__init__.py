@@ -1,8 +1,9 @@
 """PVT / DPVT / DeiT backbones (with or without DGE) for timm and detectron2."""
 from . import deit as _deit  # noqa: F401  (timm registration)
+from .convert import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict
 from .d2 import PVTBackbone, build_pvt_backbone, build_pvt_fpn_backbone
 from .deit import DeiT
-from .pvt import PyramidVisionTransformer, checkpoint_filter_fn, convert_pvt_state_dict
+from .pvt import PyramidVisionTransformer
 
 __all__ = [
     "DeiT",
@@ -11,5 +12,6 @@ __all__ = [
     "build_pvt_backbone",
     "build_pvt_fpn_backbone",
     "checkpoint_filter_fn",
+    "convert_deit_state_dict",
     "convert_pvt_state_dict",
 ]

@@ -8,7 +8,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from .pvt import ATTENTION_KINDS, PVT_SIZES, PyramidVisionTransformer, check_input_size, pvt_kwargs, tokens_to_map
+from dge.layers import DGEOptions
+
+from .pvt import PVT_SIZES, PyramidVisionTransformer, pvt_kwargs
+from .utils import ATTENTION_KINDS, check_input_size, tokens_to_map
 
 __all__ = ["PVTBackbone", "build_pvt_backbone", "build_pvt_fpn_backbone", "pyramid_from_config"]
 
@@ -78,7 +81,7 @@ class PVTBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: [B, C, H, W] (H, W >= 32; detectron2 pads to multiples of 32) -> {"res2": [B, 64,
         H/4, W/4], ...} (floor division, as the patch embeddings)."""
-        check_input_size(tuple(x.shape[-2:]), self._size_divisibility, type(self).__name__)
+        check_input_size(x, self._size_divisibility, type(self).__name__)
         outputs = {}
         for name, stage in zip(STAGE_NAMES, self.stages):
             tokens, hw = stage(x)
@@ -95,16 +98,7 @@ def pyramid_from_config(cfg, in_chans: int = 3) -> PyramidVisionTransformer:
         raise ValueError(f"MODEL.PVT.SIZE must be one of {tuple(PVT_SIZES)}; got {p.SIZE!r}")
     if p.ATTENTION not in ATTENTION_KINDS:
         raise ValueError(f"MODEL.PVT.ATTENTION must be one of {ATTENTION_KINDS}; got {p.ATTENTION!r}")
-    dge = None
-    if d.ENABLED:
-        dge = dict(
-            granularities=tuple(d.GRANULARITIES),
-            region_size=d.REGION_SIZE or None,
-            routing=d.ROUTING,
-            gumbel_tau=d.GUMBEL_TAU,
-            dense_train=d.DENSE_TRAIN,
-            init_fine_prob=d.INIT_FINE_PROB,
-        )
+    dge = DGEOptions.from_config(d) if d.ENABLED else None
     return PyramidVisionTransformer(
         img_size=p.PRETRAIN_IMG_SIZE,
         in_chans=in_chans,

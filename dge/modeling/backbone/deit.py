@@ -1,48 +1,49 @@
 """DeiT (ViT with a class token, patch 16, global attention), with or without DGE.
 
-A DeiT is a one-stage pyramid: the patch embedding (no norm), class token, position
-embedding and blocks of a ``PyramidStage`` with global attention (``sr_ratio=1``), then a
-final norm and the head. Its parameter names are timm's DeiT names except that the fused
-``attn.qkv`` is stored as ``attn.q`` and ``attn.kv`` (as vtpack's DGE models);
-``checkpoint_filter_fn`` converts timm / official DeiT and vtpack checkpoints.
+The patch embedding (no norm), class token, position embedding and blocks (global attention)
+are the shared parts of ``utils.py``; then a final norm and the head. Parameter names are
+timm's DeiT names except that the fused ``attn.qkv`` is stored as ``attn.q`` and ``attn.kv``
+(as vtpack's DGE models); ``convert.py`` converts timm / official DeiT and vtpack checkpoints.
 
-timm names: ``deit_tiny_patch16_256`` / ``deit_small_patch16_256`` (vanilla; the paper's
-256×256 input, timm itself only has ``_224`` / ``_384``) and ``deit_tiny_dge`` /
-``deit_small_dge``.
+timm names: ``deit_tiny_vanilla`` / ``deit_small_vanilla`` (no DGE; the paper's 256×256
+input) and ``deit_tiny_dge`` / ``deit_small_dge``. Features (``features_only``,
+``forward_intermediates``) are the blocks' outputs as stride-16 maps.
 """
-import re
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from .pvt import (
-    _PVT_STAGE_KEY,
-    Conversion,
-    PyramidStage,
+from dge.layers import DGEOptions
+
+from .convert import checkpoint_filter_fn
+from .utils import (
+    PatchEmbed,
+    build_blocks,
     check_input_size,
-    dge_options,
-    finish_conversion,
+    embed_tokens,
     init_transformer_weights,
-    unwrap_checkpoint,
+    prune_intermediates,
+    tokens_to_map,
 )
 
-__all__ = ["DeiT", "DEIT_SIZES", "checkpoint_filter_fn", "convert_deit_state_dict"]
+__all__ = ["DeiT", "DEIT_SIZES"]
 
 # (embed_dim, num_heads) per size; depth 12, MLP ratio 4, patch 16.
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6)}
 
 
-class DeiT(PyramidStage):
+class DeiT(nn.Module):
     """DeiT-Ti / DeiT-S.
 
     Args:
         img_size: input size the position embedding is stored for (256 in the paper).
         global_pool: "token" (the class token) or "avg" (mean of the spatial tokens).
-        dge: None / False, True or a mapping of DynamicGrainedEncoder options; the class
+        dge: None / False, True, a ``DGEOptions`` or a mapping of its fields; the class
             token is the one extra token every DGE block keeps as a query.
     """
 
@@ -62,30 +63,26 @@ class DeiT(PyramidStage):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-6,
-        dge: Union[None, bool, Mapping] = None,
+        dge: Union[None, bool, Mapping, DGEOptions] = None,
     ):
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be one of ('token', 'avg'); got {global_pool!r}")
+        super().__init__()
         img_size = to_2tuple(img_size)
-        super().__init__(
-            in_chans,
-            embed_dim,
-            depth,
-            patch_size,
-            (img_size[0] // patch_size, img_size[1] // patch_size),
-            num_heads,
-            mlp_ratio,
-            attention="sr",
-            sr_ratio=1,
-            qkv_bias=qkv_bias,
-            num_extra_tokens=1,
-            patch_norm=False,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path=torch.linspace(0, drop_path_rate, depth).tolist(),
-            norm_eps=norm_eps,
-            dge=dge_options(dge),
+        self.pos_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_extra_tokens = 1
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = build_blocks(
+            embed_dim, depth, num_heads, mlp_ratio, "sr", 1, qkv_bias=qkv_bias, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, drop_path=torch.linspace(0, drop_path_rate, depth).tolist(),
+            norm_eps=norm_eps, num_extra_tokens=1, dge=DGEOptions.coerce(dge),
         )
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+        ]
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -109,10 +106,51 @@ class DeiT(PyramidStage):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        check_input_size(x, self.patch_size, type(self).__name__)
+        tokens, hw = embed_tokens(x, self.patch_embed, self.pos_embed, self.pos_grid, self.cls_token)
+        return self.pos_drop(tokens), hw
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Block outputs as maps [B, C, H/16, W/16] (timm's feature API, class token dropped;
+        ``norm`` applies the final norm to each). Returns the maps, or (final normalised tokens,
+        maps) unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        tokens, hw = self._embed(x)
+        blocks = self.blocks[: max_index + 1] if stop_early or intermediates_only else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            tokens = blk(tokens, hw)
+            if i in take_indices:
+                intermediates.append(tokens_to_map(self.norm(tokens) if norm else tokens, hw, 1).contiguous())
+        if intermediates_only:
+            return intermediates
+        return self.norm(tokens), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        return prune_intermediates(self, "blocks", indices, prune_norm, prune_head)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] -> normalised tokens [B, 1 + (H/16)*(W/16), C]."""
-        check_input_size(tuple(x.shape[-2:]), self.patch_size, type(self).__name__)
-        tokens, _ = super().forward(x)
+        tokens, hw = self._embed(x)
+        for blk in self.blocks:
+            tokens = blk(tokens, hw)
         return self.norm(tokens)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -124,67 +162,17 @@ class DeiT(PyramidStage):
         return self.forward_head(self.forward_features(x))
 
 
-def convert_deit_state_dict(
-    state_dict: Mapping[str, torch.Tensor], model: DeiT, fill_routers: bool = False
-) -> Conversion:
-    """Map a timm / official DeiT (``blocks.N.attn.qkv``), vtpack DeiT+DGE
-    (``blocks.N.attn.q``/``kv``, ``blocks.N.dge.router.gate``, ``blocks.N.dge.splits``) or this
-    project's checkpoint onto ``model``'s names; position embeddings are resampled to the
-    model's grid. Raises ValueError for another architecture, depth or width."""
-    state_dict = unwrap_checkpoint(state_dict)
-    keys = list(state_dict)
-    if any(k.startswith("stages.") or _PVT_STAGE_KEY.match(k) for k in keys):
-        raise ValueError(
-            "this is a PVT / DPVT checkpoint (keys 'patch_embed1.*' / 'stages.*'); a DeiT model needs a "
-            "timm / official DeiT or vtpack DeiT checkpoint ('patch_embed.proj.*', 'blocks.N.*')"
-        )
-    if "patch_embed.proj.weight" not in state_dict or not any(k.startswith("blocks.") for k in keys):
-        raise ValueError(
-            f"unrecognised checkpoint layout (first keys: {keys[:4]}); a DeiT model needs a timm / official "
-            "DeiT or vtpack DeiT checkpoint ('patch_embed.proj.*', 'blocks.N.*')"
-        )
-    if "dist_token" in state_dict:
-        raise ValueError("distilled DeiT checkpoints (with 'dist_token') are not supported; use a non-distilled one")
-    depth = 1 + max(int(m.group(1)) for m in (re.match(r"^blocks\.(\d+)\.", k) for k in keys) if m)
-    if depth != len(model.blocks):
-        raise ValueError(f"the checkpoint has {depth} blocks; the model has {len(model.blocks)}")
-    fused = any(".attn.qkv." in k for k in keys)
-    has_dge = any(".dge." in k for k in keys)
-    source = "timm / official DeiT" if fused else ("vtpack DeiT+DGE" if has_dge else "DeiT with split q / kv")
-    conversion = Conversion({}, source)
-    target_keys = set(model.state_dict())
-    converted: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
-        if m:
-            prefix, rest = f"blocks.{m.group(1)}", m.group(2)
-            if rest.startswith("attn.qkv."):
-                c = value.shape[0] // 3  # rows: q, then k, then v
-                param = rest[len("attn.qkv."):]
-                converted[f"{prefix}.attn.q.{param}"] = value[:c]
-                converted[f"{prefix}.attn.kv.{param}"] = value[c:]
-            else:
-                converted[f"{prefix}.{rest.replace('dge.router.', 'router.').replace('dge.splits', 'splits')}"] = value
-        elif key.startswith(("norm.", "head.")) and key not in target_keys:
-            conversion.dropped[key] = "classification norm / head; not part of this model"
-        else:
-            converted[key] = value  # cls_token, pos_embed, patch_embed.*, norm.*, head.*; others are unexpected
-    return finish_conversion(converted, model, conversion, fill_routers)
-
-
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: DeiT) -> Dict[str, torch.Tensor]:
-    """timm's ``pretrained_filter_fn``: timm / official / vtpack DeiT keys -> this model's, logged;
-    missing routers take the model's initial values (timm loads strictly)."""
-    conversion = convert_deit_state_dict(state_dict, model, fill_routers=True)
-    conversion.log()
-    return conversion.state_dict
-
-
 def _create_deit(variant: str, size: str, pretrained: bool, kwargs: Dict) -> DeiT:
     dim, heads = DEIT_SIZES[size]
     args = dict(embed_dim=dim, num_heads=heads, dge=variant.endswith("_dge"))
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
-        DeiT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(args, **kwargs)
+        DeiT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **dict(args, **kwargs),
     )
 
 
@@ -203,19 +191,19 @@ default_cfgs = generate_default_cfgs(
             "first_conv": "patch_embed.proj",
             "classifier": "head",
         }
-        for name in ("deit_tiny_patch16_256", "deit_small_patch16_256", "deit_tiny_dge", "deit_small_dge")
+        for name in ("deit_tiny_vanilla", "deit_small_vanilla", "deit_tiny_dge", "deit_small_dge")
     }
 )
 
 
 @register_model
-def deit_tiny_patch16_256(pretrained: bool = False, **kwargs) -> DeiT:
-    return _create_deit("deit_tiny_patch16_256", "tiny", pretrained, kwargs)
+def deit_tiny_vanilla(pretrained: bool = False, **kwargs) -> DeiT:
+    return _create_deit("deit_tiny_vanilla", "tiny", pretrained, kwargs)
 
 
 @register_model
-def deit_small_patch16_256(pretrained: bool = False, **kwargs) -> DeiT:
-    return _create_deit("deit_small_patch16_256", "small", pretrained, kwargs)
+def deit_small_vanilla(pretrained: bool = False, **kwargs) -> DeiT:
+    return _create_deit("deit_small_vanilla", "small", pretrained, kwargs)
 
 
 @register_model

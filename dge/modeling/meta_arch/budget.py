@@ -13,7 +13,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, SemanticSegmentor
 from detectron2.utils.events import get_event_storage
 
-from ...layers import budget_loss, routing_stats
+from ...layers import BudgetLoss, routing_stats
 
 __all__ = ["BudgetLossMixin", "DGERCNN", "DGESemanticSegmentor"]
 
@@ -33,8 +33,7 @@ class BudgetLossMixin:
             raise ValueError(f"MODEL.DGE.BUDGET must be in [0, 1]; got {budget}")
         if budget_weight < 0:
             raise ValueError(f"MODEL.DGE.BUDGET_WEIGHT must be >= 0; got {budget_weight}")
-        self.budget = budget
-        self.budget_weight = budget_weight
+        self.budget_loss = BudgetLoss(budget, budget_weight)
 
     @classmethod
     def from_config(cls, cfg):
@@ -44,11 +43,11 @@ class BudgetLossMixin:
 
     def forward(self, batched_inputs: List[Dict]):
         outputs = super().forward(batched_inputs)
-        stats = routing_stats(self.backbone)
+        loss, stats = self.budget_loss(self.backbone)
         if stats is None:
             return outputs
         if self.training:
-            outputs["loss_budget"] = budget_loss(stats["beta"], self.budget, self.budget_weight)  # Eq. 8
+            outputs["loss_budget"] = loss  # Eq. 8
             storage = get_event_storage()
             storage.put_scalars(**{f"dge/{k}": v.detach().mean().item() for k, v in stats.items()})
             return outputs

@@ -1,0 +1,46 @@
+"""The one mapping between a DGE model's and its vanilla twin's state-dict keys.
+
+A Dynamic Grained Encoder stores the block it wraps under ``block.`` and its router under
+``router.``; the vanilla block stores the same parameters without ``block.``. Both modules
+call ``map_block_keys`` when they load, so either checkpoint loads into either model (a DGE
+file's routers are then unused, and reported so by ``load_state_dict``), and checkpoint
+conversion (``dge.modeling.backbone.convert``) applies it to a whole model with
+``map_dge_keys``."""
+from typing import Dict, MutableMapping
+
+import torch
+from torch import nn
+
+__all__ = ["DGE_OWN_KEYS", "map_block_keys", "map_dge_keys"]
+
+# What a DGE wrapper stores beside its block: the router, and vtpack's split sizes (conversion only).
+DGE_OWN_KEYS = ("router.", "splits")
+
+
+def map_block_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str, wrapped: bool) -> None:
+    """In place: the keys under ``prefix`` renamed for a DGE wrapper there (``wrapped``: the
+    block's keys gain ``block.``) or for a vanilla block there (``block.`` removed; router
+    keys stay, to be reported as unused)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if wrapped and not rest.startswith(("block.",) + DGE_OWN_KEYS):
+            state_dict[prefix + "block." + rest] = state_dict.pop(key)
+        elif not wrapped and rest.startswith("block."):
+            state_dict[prefix + rest[len("block."):]] = state_dict.pop(key)
+
+
+def map_dge_keys(state_dict: MutableMapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` with every block's keys named as ``model`` names them (what
+    loading into ``model`` does on the way, for code that compares keys before it loads)."""
+    from .block import EncoderBlock
+    from .encoder import DynamicGrainedEncoder
+
+    out = dict(state_dict)
+    wrappers = set()
+    for name, m in model.named_modules():
+        if isinstance(m, DynamicGrainedEncoder):
+            wrappers.add(name)
+            map_block_keys(out, name + ".", wrapped=True)
+        elif isinstance(m, EncoderBlock) and name.rpartition(".")[0] not in wrappers:
+            map_block_keys(out, name + ".", wrapped=False)
+    return out

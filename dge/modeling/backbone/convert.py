@@ -1,0 +1,337 @@
+"""Checkpoint conversion: official PVT v1, vtpack (PVT, PVT+DGE, DPVT, DeiT+DGE), timm /
+official DeiT and this project's files onto this project's models, with a report of what was
+dropped, resampled or left at initialisation. DGE and vanilla blocks' keys are mapped by
+``dge.layers.map_dge_keys`` (the one mapping, used by loading too)."""
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from dge.layers import DynamicGrainedEncoder, map_dge_keys
+
+from .utils import resample_pos_embed
+
+__all__ = [
+    "Conversion",
+    "checkpoint_filter_fn",
+    "convert_deit_state_dict",
+    "convert_pvt_state_dict",
+    "finish_conversion",
+    "unwrap_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Conversion:
+    """A checkpoint mapped onto a model's parameter names, and what happened on the way.
+
+    Attributes:
+        state_dict: converted tensors (router rows ordered as the model's Φ).
+        source: the layout recognised, e.g. "official PVT v1".
+        dropped: checkpoint key -> why the model does not use it (never silent).
+        resampled: model key -> "gh×gw -> gh'×gw'" position embeddings resized bilinearly.
+        missing: model keys the checkpoint does not provide.
+        unexpected: converted keys the model does not have.
+        initial_routers: router keys left at (or filled with) the model's initial values.
+    """
+
+    state_dict: Dict[str, torch.Tensor]
+    source: str
+    dropped: Dict[str, str] = field(default_factory=dict)
+    resampled: Dict[str, str] = field(default_factory=dict)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    initial_routers: List[str] = field(default_factory=list)
+
+    def log(self, log: logging.Logger = logger) -> None:
+        log.info(f"checkpoint layout: {self.source}; {len(self.state_dict)} tensors converted")
+        for key, why in self.dropped.items():
+            log.info(f"not used by the model: {key} ({why})")
+        for key, how in self.resampled.items():
+            log.info(f"position embedding {key} resampled bilinearly: {how}")
+        if self.initial_routers:
+            log.warning(
+                f"the checkpoint has no DGE routers: {len(self.initial_routers)} router tensors "
+                f"(e.g. {self.initial_routers[0]}) are left at their initial values"
+            )
+        other_missing = [k for k in self.missing if k not in self.initial_routers]
+        if other_missing:
+            log.warning(f"missing in the checkpoint ({len(other_missing)}): {', '.join(other_missing)}")
+        if self.unexpected:
+            log.warning(f"unexpected in the checkpoint ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+
+
+def unwrap_checkpoint(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint file's object ("model" / "state_dict" entries, DDP's
+    "module." prefix removed)."""
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def _square_grid(n: int) -> Optional[int]:
+    side = math.isqrt(n)
+    return side if side * side == n else None
+
+
+def _owner(model: nn.Module, key: str) -> nn.Module:
+    return model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+
+
+def finish_conversion(
+    converted: Dict[str, torch.Tensor],
+    model: nn.Module,
+    conversion: Conversion,
+    fill_routers: bool = False,
+) -> Conversion:
+    """Shared last steps for every layout: DGE wrapper names, vtpack router rows (``.splits``),
+    position-embedding grids, classifier shape, shape check, missing / unexpected keys.
+
+    ``converted`` holds keys in this project's vanilla naming (``stages.0.blocks.1.attn.q.weight``,
+    ``blocks.3.router.gate.weight``, ``<block>.splits`` for vtpack's split sizes)."""
+    wrappers = {name: m for name, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)}
+    target = model.state_dict()
+    out: Dict[str, torch.Tensor] = {}
+    splits: Dict[str, torch.Tensor] = {}
+    for key, value in map_dge_keys(converted, model).items():
+        if ".router." in key and key.partition(".router.")[0] not in wrappers:
+            conversion.dropped[key] = "DGE router; the model has no DGE block here"
+            continue
+        if key.endswith(".splits"):
+            splits[key[: -len(".splits")]] = value
+            continue
+        out[key] = value
+
+    # vtpack routers: row k of the gate belongs to the split size splits[k], i.e. the
+    # granularity S / splits[k]; reorder rows to the model's ascending Φ.
+    for name, split in splits.items():
+        if name not in wrappers:
+            conversion.dropped[name + ".splits"] = "DGE split sizes, but the model has no DGE block here"
+            continue
+        split = [int(s) for s in split.tolist()]
+        region = max(split)
+        phi = [region // s for s in split]
+        wrapper = wrappers[name]
+        if sorted(phi) != list(wrapper.granularities) or region != wrapper.region_size:
+            raise ValueError(
+                f"{name}: the checkpoint's router was trained for granularities {tuple(sorted(phi))} in "
+                f"regions of {region}; the model has {wrapper.granularities} in regions of {wrapper.region_size}"
+            )
+        order = [phi.index(g) for g in wrapper.granularities]
+        for p in ("weight", "bias"):
+            key = f"{name}.router.gate.{p}"
+            if key in out:
+                out[key] = out[key][order]
+
+    for key in [k for k in out if k.endswith("pos_embed")]:
+        if key not in target:
+            continue
+        owner = _owner(model, key)
+        grid, extra = owner.pos_grid, owner.num_extra_tokens
+        value = out[key]
+        n = value.shape[1]
+        side = _square_grid(n - extra)
+        if side is None and extra == 0 and _square_grid(n - 1):
+            value, side = value[:, 1:], _square_grid(n - 1)
+            conversion.dropped[key + "[0]"] = "class-token position; the model has no class token"
+        if side is None:
+            raise ValueError(
+                f"{key}: cannot read a square position grid from {n} positions with {extra} extra token(s)"
+            )
+        if (side, side) != tuple(grid):
+            value = resample_pos_embed(value, (side, side), grid, extra)
+            conversion.resampled[key] = f"{side}×{side} -> {grid[0]}×{grid[1]}"
+        out[key] = value
+
+    for key in [k for k in out if k.startswith("head.")]:
+        if key in target and out[key].shape != target[key].shape:
+            conversion.dropped[key] = (
+                f"classifier for {out[key].shape[0]} classes; the model has {target[key].shape[0]}"
+            )
+            del out[key]
+    bad = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(target[k].shape)}"
+        for k, v in out.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if bad:
+        raise ValueError(
+            f"{conversion.source} checkpoint does not fit the model ({len(bad)} shape mismatches): "
+            + "; ".join(bad[:5])
+        )
+    conversion.missing = [k for k in target if k not in out]
+    conversion.unexpected = [k for k in out if k not in target]
+    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
+    if fill_routers:
+        for k in conversion.initial_routers:
+            out[k] = target[k]
+    conversion.state_dict = out
+    return conversion
+
+
+_PVT_STAGE_KEY = re.compile(r"^(patch_embed|pos_embed|block)(\d)(.*)$")
+_PVT_BLOCK_KEY = re.compile(r"^\.(\d+)\.(.*)$")
+
+
+def _model_stages(model: nn.Module) -> nn.ModuleList:
+    stages = getattr(model, "stages", None)
+    if not isinstance(stages, nn.ModuleList) or not all(hasattr(s, "attention_kind") for s in stages):
+        raise ValueError(f"expected a model with PyramidStage stages (pvt.py); got {type(model).__name__}")
+    return stages
+
+
+def convert_pvt_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, fill_routers: bool = False
+) -> Conversion:
+    """Map an official PVT v1 (``patch_embed1``, ``pos_embed1``, ``block1.0.*``, ``norm``,
+    ``head``, ``cls_token``), vtpack PVT / PVT+DGE / DPVT (``block1.0.dge.router.gate.*``,
+    ``block1.0.dge.splits``) or this project's checkpoint onto ``model``'s names.
+
+    ``model`` is a ``PyramidVisionTransformer`` or anything with its ``stages`` (the
+    detectron2 backbone). Raises ValueError for a checkpoint of another architecture, other
+    depths, another attention kind or other shapes; ``fill_routers`` copies the model's
+    initial router weights for a checkpoint without routers (timm's strict loading)."""
+    state_dict = unwrap_checkpoint(state_dict)
+    stages = _model_stages(model)
+    keys = list(state_dict)
+    if any(k.startswith("stages.") for k in keys):
+        conversion = Conversion({}, "dge (this project)")
+        return finish_conversion(dict(state_dict), model, conversion, fill_routers)
+    if not any(_PVT_STAGE_KEY.match(k) for k in keys):
+        if any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" in state_dict:
+            raise ValueError(
+                "this is a DeiT / ViT checkpoint (keys 'patch_embed.proj.*', 'blocks.N.*'); a PVT / DPVT "
+                "model needs an official PVT v1 or vtpack checkpoint ('patch_embed1.*', 'block1.0.*') "
+                "or one of this project's ('stages.0.*')"
+            )
+        raise ValueError(
+            f"unrecognised checkpoint layout (first keys: {keys[:4]}); a PVT / DPVT model needs an official "
+            "PVT v1 or vtpack checkpoint ('patch_embed1.*', 'block1.0.*') or one of this project's ('stages.0.*')"
+        )
+
+    deformable = any(".attn.offsets." in k for k in keys)
+    has_dge = any(".dge." in k for k in keys)
+    source = "vtpack DPVT" if deformable else ("vtpack PVT+DGE" if has_dge else "official PVT v1")
+    if has_dge and deformable:
+        source = "vtpack DPVT+DGE"
+    kind = "deformable" if deformable else "sr"
+    if stages[0].attention_kind != kind:
+        raise ValueError(
+            f"the checkpoint is a {source} checkpoint ({kind!r} attention); the model uses "
+            f"{stages[0].attention_kind!r} attention"
+        )
+    depths: Dict[int, int] = {}
+    for k in keys:
+        m = re.match(r"^block(\d)\.(\d+)\.", k)
+        if m:
+            s = int(m.group(1)) - 1
+            depths[s] = max(depths.get(s, 0), int(m.group(2)) + 1)
+    model_depths = [len(s.blocks) for s in stages]
+    common = range(min(len(model_depths), max(depths, default=-1) + 1))
+    if [depths.get(s, 0) for s in common] != [model_depths[s] for s in common]:
+        raise ValueError(
+            f"the checkpoint has block depths {tuple(depths[s] for s in sorted(depths))}; the model has "
+            f"{tuple(model_depths)}"
+        )
+
+    conversion = Conversion({}, source)
+    converted: Dict[str, torch.Tensor] = {}
+    target_keys = set(model.state_dict())
+    last = len(stages) - 1
+    for key, value in state_dict.items():
+        m = _PVT_STAGE_KEY.match(key)
+        if m:
+            what, s, rest = m.group(1), int(m.group(2)) - 1, m.group(3)
+            if s > last:
+                conversion.dropped[key] = f"stage {s + 1} is not part of this model"
+                continue
+            if what == "block":
+                b = _PVT_BLOCK_KEY.match(rest)
+                name = b.group(2).replace("dge.router.", "router.").replace("dge.splits", "splits")
+                converted[f"stages.{s}.blocks.{b.group(1)}.{name}"] = value
+            else:
+                converted[f"stages.{s}.{what}{rest}"] = value
+        elif key == "cls_token":
+            if last == 3 and stages[last].num_extra_tokens:
+                converted[f"stages.{last}.cls_token"] = value
+            else:
+                conversion.dropped[key] = "class token; the model has none (pooling 'avg' or a detection backbone)"
+        elif key.startswith(("norm.", "head.")):
+            if key in target_keys:
+                converted[key] = value
+            else:
+                conversion.dropped[key] = "classification norm / head; not part of this model"
+        else:
+            converted[key] = value  # unknown: reported as unexpected
+    return finish_conversion(converted, model, conversion, fill_routers)
+
+
+def convert_deit_state_dict(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, fill_routers: bool = False
+) -> Conversion:
+    """Map a timm / official DeiT (``blocks.N.attn.qkv``), vtpack DeiT+DGE
+    (``blocks.N.attn.q``/``kv``, ``blocks.N.dge.router.gate``, ``blocks.N.dge.splits``) or this
+    project's checkpoint onto ``model``'s names; position embeddings are resampled to the
+    model's grid. Raises ValueError for another architecture, depth or width."""
+    state_dict = unwrap_checkpoint(state_dict)
+    keys = list(state_dict)
+    if any(k.startswith("stages.") or _PVT_STAGE_KEY.match(k) for k in keys):
+        raise ValueError(
+            "this is a PVT / DPVT checkpoint (keys 'patch_embed1.*' / 'stages.*'); a DeiT model needs a "
+            "timm / official DeiT or vtpack DeiT checkpoint ('patch_embed.proj.*', 'blocks.N.*')"
+        )
+    if "patch_embed.proj.weight" not in state_dict or not any(k.startswith("blocks.") for k in keys):
+        raise ValueError(
+            f"unrecognised checkpoint layout (first keys: {keys[:4]}); a DeiT model needs a timm / official "
+            "DeiT or vtpack DeiT checkpoint ('patch_embed.proj.*', 'blocks.N.*')"
+        )
+    if "dist_token" in state_dict:
+        raise ValueError("distilled DeiT checkpoints (with 'dist_token') are not supported; use a non-distilled one")
+    depth = 1 + max(int(m.group(1)) for m in (re.match(r"^blocks\.(\d+)\.", k) for k in keys) if m)
+    if depth != len(model.blocks):
+        raise ValueError(f"the checkpoint has {depth} blocks; the model has {len(model.blocks)}")
+    fused = any(".attn.qkv." in k for k in keys)
+    has_dge = any(".dge." in k for k in keys)
+    source = "timm / official DeiT" if fused else ("vtpack DeiT+DGE" if has_dge else "DeiT with split q / kv")
+    conversion = Conversion({}, source)
+    target_keys = set(model.state_dict())
+    converted: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = re.match(r"^blocks\.(\d+)\.(.*)$", key)
+        if m:
+            prefix, rest = f"blocks.{m.group(1)}", m.group(2)
+            if rest.startswith("attn.qkv."):
+                c = value.shape[0] // 3  # rows: q, then k, then v
+                param = rest[len("attn.qkv."):]
+                converted[f"{prefix}.attn.q.{param}"] = value[:c]
+                converted[f"{prefix}.attn.kv.{param}"] = value[c:]
+            else:
+                converted[f"{prefix}.{rest.replace('dge.router.', 'router.').replace('dge.splits', 'splits')}"] = value
+        elif key.startswith(("norm.", "head.")) and key not in target_keys:
+            conversion.dropped[key] = "classification norm / head; not part of this model"
+        else:
+            converted[key] = value  # cls_token, pos_embed, patch_embed.*, norm.*, head.*; others are unexpected
+    return finish_conversion(converted, model, conversion, fill_routers)
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for every model here: the checkpoint converted for a
+    pyramid (PVT / DPVT, anything with ``stages``) or a DeiT, logged; missing routers take
+    the model's initial values (timm loads strictly)."""
+    convert = convert_pvt_state_dict if hasattr(model, "stages") else convert_deit_state_dict
+    conversion = convert(state_dict, model, fill_routers=True)
+    conversion.log()
+    return conversion.state_dict
