@@ -49,7 +49,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny_deit(num_classes=2, seed=0):
     """DeiT-Ti at 64×64: a 4×4 token map (four 2×2 patches) and a class token."""
     torch.manual_seed(seed)
-    return build_model("deit_tiny_patch16_256", num_classes, 64, drop_path=0.0).eval()
+    return build_model("deit_tiny_vanilla", num_classes, 64, drop_path=0.0).eval()
 
 
 # ------------------------------------------------------------------ the statistic
@@ -161,7 +161,7 @@ def test_redundancy_tool_draws_fig2_and_the_accuracy_curve_of_a_labelled_folder(
     torch.save({"model": model.state_dict(), "classes": ["cat", "dog"]}, tmp_path / "weights.pth")
     out = tmp_path / "out"
     result = redundancy_tool.main([
-        "--model", "deit_tiny_patch16_256", "--weights", str(tmp_path / "weights.pth"), "--data-path", data,
+        "--model", "deit_tiny_vanilla", "--weights", str(tmp_path / "weights.pth"), "--data-path", data,
         "--input-size", "64", "--batch-size", "3", "--thresholds", "1.5", "0.5", "-2", "--bins", "20",
         "--output", str(out),
     ])
@@ -228,9 +228,9 @@ def test_redundancy_tool_errors_name_the_bad_input(redundancy_tool, tmp_path, ca
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no images found"):
-        redundancy_tool.main(["--model", "deit_tiny_patch16_256", "--input", str(empty), "--output", str(tmp_path)])
+        redundancy_tool.main(["--model", "deit_tiny_vanilla", "--input", str(empty), "--output", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="val"):
-        redundancy_tool.main(["--model", "deit_tiny_patch16_256", "--data-path", str(empty),
+        redundancy_tool.main(["--model", "deit_tiny_vanilla", "--data-path", str(empty),
                               "--output", str(tmp_path)])
 
 
@@ -252,13 +252,15 @@ def write_detectron2_run(folder, budget, evals, enabled=True):
 
 
 def write_classifier_run(folder, model, budget, rows):
+    """What tools/train_classifier.py writes: metrics.json (detectron2's format) and config.yaml."""
     os.makedirs(folder)
-    with open(os.path.join(folder, "log.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    args = {"model": model, "no_dge": False, "budget": budget}
-    state = {"args": args, "epoch": len(rows) - 1, "model": {"w": torch.zeros(2)}}
-    torch.save(state, os.path.join(folder, "checkpoint.pth"))
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"iteration": 10 * i + 5, "total_loss": 1.0}) + "\n")  # training rows
+            f.write(json.dumps(dict(row, iteration=10 * i + 10)) + "\n")
+    enabled = model.endswith("_dge")
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(f"MODEL:\n  NAME: {model}\n  DGE:\n    ENABLED: {str(enabled).lower()}\n    BUDGET: {budget}\n")
     return str(folder)
 
 
@@ -286,22 +288,22 @@ def test_plot_runs_draws_ap_against_budget_and_beta_per_stage_of_detectron2_runs
     assert (vanilla["vanilla"], vanilla["budget"], vanilla["beta"], vanilla["layer_betas"]) == (True, None, 1.0, [])
 
 
-def test_plot_runs_reads_budgets_from_classifier_checkpoints_and_draws_beta_per_layer(runs_tool, tmp_path):
+def test_plot_runs_reads_budgets_from_classifier_configs_and_draws_beta_per_layer(runs_tool, tmp_path):
     def epoch(e, acc, beta=None):
-        row = {"epoch": e, "val_acc1": acc, "train_loss": 1.0}
+        row = {"epoch": e, "classification/acc1": acc, "train/loss": 1.0}
         if beta is not None:
-            row.update(val_beta=beta, val_beta_stage1=beta)
-            row.update({f"val_beta_layer{i}": beta + 0.01 * i for i in range(1, 13)})
+            row.update({"routing/beta": beta, "routing/beta_stage1": beta})
+            row.update({f"routing/beta_layer{i}": beta + 0.01 * i for i in range(1, 13)})
         return row
 
     dge = write_classifier_run(
         tmp_path / "deit_t_b05", "deit_tiny_dge", 0.5, [epoch(0, 50.0, 0.6), epoch(1, 55.0, 0.51)]
     )
-    vanilla = write_classifier_run(tmp_path / "deit_t", "deit_tiny_patch16_256", None, [epoch(0, 58.0)])
+    vanilla = write_classifier_run(tmp_path / "deit_t", "deit_tiny_vanilla", None, [epoch(0, 58.0)])
     out = tmp_path / "plots"
     result = runs_tool.main([dge, vanilla, "--labels", "DGE γ=0.5", "vanilla", "--output", str(out)])
     runs = {r["label"]: r for r in result["runs"]}
-    assert result["metric"] == "val_acc1" and len(runs) == 2
+    assert result["metric"] == "classification/acc1" and len(runs) == 2
     with_dge = runs["DGE γ=0.5"]
     assert (with_dge["budget"], with_dge["beta"], with_dge["vanilla"]) == (0.5, 0.51, False)
     assert with_dge["layer_unit"] == "layer"
@@ -325,7 +327,7 @@ def test_plot_runs_errors_name_the_run_and_what_it_lacks(runs_tool, tmp_path):
     with pytest.raises(ValueError, match="no evaluation row with bbox/AP"):
         runs_tool.read_run(str(training_only))
     classifier = write_classifier_run(
-        tmp_path / "cls", "deit_tiny_dge", 0.5, [{"epoch": 0, "val_acc1": 1.0, "val_beta": 0.5}]
+        tmp_path / "cls", "deit_tiny_dge", 0.5, [{"epoch": 0, "classification/acc1": 1.0, "routing/beta": 0.5}]
     )
     with pytest.raises(ValueError, match="different metrics"):
         runs_tool.main([run, classifier, "--output", str(tmp_path / "plots")])

@@ -53,8 +53,9 @@ def quiet(msg):
 
 
 def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    """The evaluation rows of metrics.json (detectron2's writer)."""
+    with open(os.path.join(out, "metrics.json")) as f:
+        return [row for row in map(json.loads, f) if "classification/acc1" in row]
 
 
 def saved(out):
@@ -74,8 +75,8 @@ def test_training_evaluates_and_resumes_exactly_where_it_stopped(data, tmp_path,
     assert {"beta_stage1", "beta_stage4", "share_phi1", "share_phi2", "share_phi4"} <= set(results)
     assert results["gflops"] == pytest.approx(results["static_gflops"], rel=0.02)  # fresh routers: φ = 1
     rows = read_log(straight)
-    assert [r["epoch"] for r in rows] == [0, 1] and [r["step"] for r in rows] == [2, 4]
-    assert all("train_loss_budget" in r and "val_beta" in r for r in rows)
+    assert [r["epoch"] for r in rows] == [0, 1] and [r["iteration"] for r in rows] == [2, 4]
+    assert all("train/loss_budget" in r and "routing/beta" in r for r in rows)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(straight))
 
     # The same run, stopped before its second epoch, then resumed.
@@ -123,7 +124,7 @@ def test_budget_loss_moves_beta_toward_the_budget(data, tmp_path, budget):
                     "--budget", str(budget), "--budget-weight", "10", "--mixup", "0", "--cutmix", "0",
                     "--drop-path", "0")
     results = run(args, log=quiet)
-    betas = [r["train_beta"] for r in read_log(out)]
+    betas = [r["train/beta"] for r in read_log(out)]
     assert betas[0] > 0.85, betas  # the routers start by favouring φ = 1 (p = 0.95)
     if budget == 0.25:  # measured: 0.95, 0.67, 0.54, 0.44 (seeds 1-3 end at 0.38-0.55)
         assert betas[-1] < 0.65 and betas[0] - betas[-1] > 0.3, betas
@@ -198,10 +199,10 @@ def test_every_family_and_ablation_switch_trains_and_reports(data, tmp_path, ext
     if shares:
         layers = len([k for k in results if k.startswith("beta_layer")])
         assert layers == (12 if "deit_tiny_dge" in extra else 8)  # DeiT-Ti: 12 blocks; PVT-Ti: 2 per stage
-        assert "train_loss_budget" in read_log(tmp_path)[0]
+        assert "train/loss_budget" in read_log(tmp_path)[0]
     else:  # vanilla: no β, and its GFLOPs are its fvcore count
         assert "beta" not in results and results["gflops"] == pytest.approx(results["static_gflops"])
-        assert "train_loss_budget" not in read_log(tmp_path)[0]
+        assert "train/loss_budget" not in read_log(tmp_path)[0]
 
 
 def test_command_line_errors_name_the_bad_value(data, capsys):

@@ -220,3 +220,29 @@ def test_analyze_model_tool_reports_per_image_flops_of_a_mask_rcnn(tmp_path):
     assert len(image["layers"]) == 8 and len(image["stages"]) == 4
     assert abs(image["beta"] - image["beta_analytic"]) < 0.02
     assert (tmp_path / tool.PLOT_NAME).stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_dge", "pvt_tiny_dge"])
+def test_the_classifiers_per_image_gflops_equal_fvcores_count(name):
+    """The classifier logs one trace's count outside the DGE blocks + each image's analytic
+    block count (``outside_dge_flops``): equal to fvcore's count of that image within 0.3%."""
+    import timm
+
+    from dge.analysis.calibration import calibrate, randomize_routers
+    from dge.analysis.flops import outside_dge_flops
+    from dge.layers import complexity_report
+
+    model = timm.create_model(name, num_classes=10, img_size=64).eval()
+    randomize_routers(model, seed=3)  # images route differently
+    torch.manual_seed(0)
+    images = (torch.randn(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+    calibrate(model, lambda: model(torch.cat(images)), target=0.5)
+    outside, static = outside_dge_flops(model, (3, 64, 64))
+    for image in images:
+        with torch.no_grad():
+            model(image)
+        logged = outside + complexity_report(model).dynamic_flops.sum().item()
+        counted = analyze_image(model, (image,))
+        assert 0.1 < counted.beta < 0.95, counted.beta
+        assert logged == pytest.approx(counted.total, rel=3e-3)
+        assert static == pytest.approx(counted.static_total, rel=3e-3)

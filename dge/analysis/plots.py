@@ -115,7 +115,7 @@ def plot_accuracy_complexity(
 
 # Axis labels of the metrics the trainers write.
 METRIC_LABELS = {
-    "val_acc1": "top-1 accuracy (%)",
+    "classification/acc1": "top-1 accuracy (%)",
     "bbox/AP": "box AP",
     "segm/AP": "mask AP",
     "sem_seg/mIoU": "mIoU (%)",

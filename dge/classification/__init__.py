@@ -4,7 +4,8 @@ from .args import build_parser, parse_args
 from .build import build_criterion, build_mixup, build_model, build_optimizer, build_scheduler, dge_model_names
 from .checkpoint import atomic_save, load_checkpoint
 from .data import UnreadableImageError, build_dataset, build_loader, build_transforms
-from .engine import evaluate, outside_dge_flops, train_one_epoch
+from ..analysis.flops import outside_dge_flops
+from .engine import evaluate, train_one_epoch
 from .trainer import format_results, run
 
 __all__ = [

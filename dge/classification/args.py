@@ -3,13 +3,16 @@ and the ablation switches of Table 1 and Fig. 5."""
 import argparse
 from typing import Callable, List, Optional
 
+from ..layers import BudgetLoss, DGEOptions
 from .build import REFERENCE_BATCH, dge_model_names
 
 __all__ = ["DGE_DEFAULTS", "build_parser", "parse_args"]
 
 # DGE switches: None on the command line means "not given"; a model without DGE refuses them.
-DGE_DEFAULTS = dict(granularities=[1, 2, 4], region_size=None, routing="region", budget=0.5, budget_weight=1.0,
-                    dense_train=False)
+_OPTIONS, _BUDGET = DGEOptions(), BudgetLoss()  # the defaults' one home
+DGE_DEFAULTS = dict(granularities=list(_OPTIONS.granularities), region_size=_OPTIONS.region_size,
+                    routing=_OPTIONS.routing, budget=_BUDGET.budget, budget_weight=_BUDGET.weight,
+                    dense_train=_OPTIONS.dense_train)
 _DGE_FLAGS = dict(granularities="--granularities", region_size="--region-size", routing="--routing",
                   budget="--budget", budget_weight="--budget-weight", dense_train="--dense-train")
 
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="pvt_small_dge", choices=dge_model_names(), metavar="NAME",
                        help="timm model of this project: pvt_{tiny,small,medium,large}[_dge], "
-                       "dpvt_{tiny,small,medium}[_dge], deit_{tiny,small}_patch16_256, deit_{tiny,small}_dge "
+                       "dpvt_{tiny,small,medium}[_dge], deit_{tiny,small}_vanilla, deit_{tiny,small}_dge "
                        "(default: pvt_small_dge)")
     model.add_argument("--no-dge", action="store_true",
                        help="build a '_dge' model without DGE blocks: the vanilla baseline")
@@ -77,15 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     dge = parser.add_argument_group("dynamic grained encoder ('_dge' models only)")
     dge.add_argument("--granularities", type=_granularity, nargs="+", metavar="PHI",
-                     help="candidate granularities Φ; 0 skips a region (default: 1 2 4)")
+                     help="candidate granularities Φ; 0 skips a region (default: %s)" % " ".join(map(str, _OPTIONS.granularities)))
     dge.add_argument("--region-size", type=_positive_int, metavar="S",
                      help="region side S, a multiple of every φ (default: max Φ)")
     dge.add_argument("--routing", choices=("region", "layer"),
-                     help="one granularity per region, or one per block (Table 1; default: region)")
+                     help=f"one granularity per region, or one per block (Table 1; default: {_OPTIONS.routing})")
     dge.add_argument("--budget", type=_fraction, metavar="GAMMA",
-                     help="target complexity ratio γ of the budget loss (Fig. 5b: 0.25 0.5 0.75 1.0; default: 0.5)")
+                     help=f"target complexity ratio γ of the budget loss (Fig. 5b: 0.25 0.5 0.75 1.0; default: {_BUDGET.budget})")
     dge.add_argument("--budget-weight", type=_non_negative, metavar="LAMBDA",
-                     help="weight λ of the budget loss λ(β − γ)² (default: 1.0)")
+                     help=f"weight λ of the budget loss λ(β − γ)² (default: {_BUDGET.weight})")
     dge.add_argument("--dense-train", action="store_const", const=True,
                      help="in training compute all granularities and mix them (vtpack's way) instead of "
                      "only the chosen one")
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="output/classification", metavar="DIR",
-                     help="checkpoints (checkpoint.pth, best.pth), log.jsonl and TensorBoard events "
+                     help="checkpoints (checkpoint.pth, best.pth), metrics.json, config.yaml and TensorBoard events "
                      "(default: output/classification)")
     run.add_argument("--resume", nargs="?", const="", metavar="PATH",
                      help="continue from a checkpoint; without PATH, from DIR/checkpoint.pth if it exists")

@@ -1,18 +1,18 @@
 """The ImageNet recipe of the paper (Sec. 4.1.1, as its official code vtpack runs it on DeiT's
 training script): the timm model, AdamW, cosine schedule with warm-up, mixup / cutmix with
 label smoothing."""
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import model_entrypoint
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from ..engine import no_weight_decay_params
+from ..engine import param_groups
+from ..layers import DGEOptions
 
 __all__ = [
     "REFERENCE_BATCH",
@@ -38,15 +38,14 @@ def build_model(
     num_classes: int,
     img_size: int,
     drop_path: float = 0.1,
-    dge: Optional[Dict] = None,
+    dge: Optional[DGEOptions] = None,
 ) -> nn.Module:
     """``timm.create_model(name, ...)`` for one of ``dge_model_names()``.
 
     Args:
         name: e.g. "pvt_small_dge" or "pvt_small".
         img_size: input size the position embeddings are stored for.
-        dge: DynamicGrainedEncoder options (granularities, region_size, routing, dense_train)
-            for a "_dge" model; None builds any model without DGE blocks ("pvt_small_dge" then
+        dge: ``DGEOptions`` for a "_dge" model (None: the defaults); None builds any model without DGE blocks ("pvt_small_dge" then
             is "pvt_small").
     Raises:
         ValueError: an unknown name, or DGE options for a model without DGE.
@@ -63,11 +62,10 @@ def build_model(
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (β1 = 0.9, the paper's momentum) over timm's two groups: no weight decay on 1-D
-    parameters (biases, norms; DeiT / vtpack) and on ``dge.engine.no_weight_decay_params``
-    (position embeddings, class tokens, norms, router biases)."""
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_params(model))
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    """AdamW (β1 = 0.9, the paper's momentum) over ``dge.engine.param_groups`` with DeiT's /
+    vtpack's rule: no weight decay on 1-D parameters (biases, norms), position embeddings and
+    class tokens."""
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay, decay_1d=False), lr=lr, betas=(0.9, 0.999))
 
 
 def build_scheduler(

@@ -9,42 +9,15 @@ from timm.data import Mixup
 from torch import nn
 from torch.nn import functional as F
 
-from ..analysis import FlopCountAnalysis
-from ..layers import DynamicGrainedEncoder, budget_loss, complexity_report, routing_stats
+from ..layers import BudgetLoss, complexity_report, routing_stats
 from .distributed import all_reduce_sums
 
-__all__ = ["unwrap", "outside_dge_flops", "train_one_epoch", "evaluate"]
+__all__ = ["unwrap", "train_one_epoch", "evaluate"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def outside_dge_flops(model: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[float, float]:
-    """(multiply-adds outside the DGE blocks, multiply-adds of the vanilla model) for one image
-    of ``input_size`` (C, H, W).
-
-    One fvcore trace (``dge.analysis.FlopCountAnalysis``, which counts fused attention and
-    deformable sampling) gives the model's total; the part outside the DGE blocks (patch
-    embeddings, position-embedding resampling, final norm, head) is that total minus the
-    blocks' counts, and does not depend on the image. Adding an image's analytic DGE-block
-    count (``RoutingInfo.dynamic_flops``, router included) gives its dynamic total; adding the
-    blocks' analytic static counts gives the vanilla model (fvcore counts the vanilla block's
-    shared norm once where the analytic count has it twice: < 0.2% of a block). For a model
-    without DGE both numbers are its fvcore total."""
-    blocks = [n for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        image = torch.zeros((1,) + tuple(input_size), device=device)
-        analysis = FlopCountAnalysis(model, image).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        outside = analysis.total() - sum(analysis.total(FlopCountAnalysis.traced_name(n)) for n in blocks)
-        static = outside + (complexity_report(model).static_flops.sum().item() if blocks else 0.0)
-    finally:
-        model.train(was_training)
-    return float(outside), float(static)
 
 
 def train_one_epoch(
@@ -58,8 +31,7 @@ def train_one_epoch(
     step: int,
     device: torch.device,
     mixup: Optional[Mixup] = None,
-    budget: float = 0.5,
-    budget_weight: float = 1.0,
+    budget: BudgetLoss = BudgetLoss(),
     clip_grad: Optional[float] = None,
     print_freq: int = 50,
     log: Callable[[str], None] = print,
@@ -67,8 +39,7 @@ def train_one_epoch(
 ) -> Tuple[int, Dict[str, float]]:
     """Trains one pass over ``loader``; ``step`` counts optimizer updates since the start of training.
 
-    Loss = task loss + λ(β − γ)² (Eq. 8, ``budget`` γ, ``budget_weight`` λ) for a model with
-    DGE blocks. ``on_step(step, scalars)`` is called after each update (TensorBoard).
+    Loss = task loss + ``budget`` (λ(β − γ)², Eq. 8) for a model with DGE blocks. ``on_step(step, scalars)`` is called after each update (TensorBoard).
     Returns (step after the epoch, image-weighted means over all processes of loss, loss_cls,
     loss_budget, β, β per stage, φ shares; plus lr, the last one)."""
     model.train()
@@ -85,10 +56,9 @@ def train_one_epoch(
         logits = model(images)
         loss_cls = criterion(logits, targets)
         loss = loss_cls
-        stats = routing_stats(core)  # None without DGE blocks
+        loss_budget, stats = budget(core)  # None without DGE blocks
         scalars = {"loss_cls": loss_cls.item()}
         if stats is not None:
-            loss_budget = budget_loss(stats["beta"], budget, budget_weight)  # Eq. 8
             loss = loss + loss_budget
             scalars["loss_budget"] = loss_budget.item()
             scalars.update({k: v.detach().mean().item() for k, v in stats.items()})

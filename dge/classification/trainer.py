@@ -1,26 +1,31 @@
 """The classification run: data, model and recipe from the arguments, the epoch loop with
 evaluation, atomic checkpoints (``checkpoint.pth`` every epoch, ``best.pth`` at the best top-1),
-``log.jsonl`` and TensorBoard events; ``--resume`` continues exactly where a run stopped."""
+``metrics.json``, ``config.yaml`` and TensorBoard events (detectron2's writers); ``--resume``
+continues exactly where a run stopped."""
 import argparse
-import importlib
-import json
 import os
 import random
 import time
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import yaml
 import torch
 import torch.distributed as dist
 from timm.data import resolve_data_config
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
+from detectron2.utils.events import EventStorage, TensorboardXWriter
 
+from ..layers import BudgetLoss, DGEOptions
+from ..modeling.backbone.convert import checkpoint_filter_fn
 from .build import REFERENCE_BATCH, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler
+from ..engine.checkpoint import atomic_write_text
+from ..engine.metrics import WholeLinesJSONWriter
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .data import build_dataset, build_loader, build_transforms
 from .distributed import DistEnv, init_distributed
-from .engine import evaluate, outside_dge_flops, train_one_epoch, unwrap
+from ..analysis.flops import outside_dge_flops
+from .engine import evaluate, train_one_epoch, unwrap
 
 __all__ = ["MODEL_ARGS", "RunLog", "format_results", "load_weights", "run"]
 
@@ -28,10 +33,10 @@ __all__ = ["MODEL_ARGS", "RunLog", "format_results", "load_weights", "run"]
 MODEL_ARGS = ("model", "no_dge", "granularities", "region_size", "routing", "dense_train", "input_size")
 
 
-def _dge_options(args: argparse.Namespace) -> Optional[Dict]:
+def _dge_options(args: argparse.Namespace) -> Optional[DGEOptions]:
     if not args.model.endswith("_dge") or args.no_dge:
         return None
-    return dict(
+    return DGEOptions(
         granularities=tuple(args.granularities),
         region_size=args.region_size,
         routing=args.routing,
@@ -66,8 +71,7 @@ def load_weights(model: nn.Module, path: str) -> List[str]:
     converted by the model family's ``checkpoint_filter_fn``) into ``model``; returns the model
     keys the file did not provide."""
     state = load_checkpoint(path)
-    convert = importlib.import_module(type(model).__module__).checkpoint_filter_fn
-    missing, _ = model.load_state_dict(convert(state, model), strict=False)
+    missing, _ = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
     return missing
 
 
@@ -103,34 +107,55 @@ def _gather_rng(env: DistEnv) -> List[Dict]:
 
 
 class RunLog:
-    """What the main process writes besides checkpoints: ``log.jsonl`` (one row per epoch:
-    ``train_*`` means, ``val_*`` results) and TensorBoard events (``train/*`` per step,
-    ``val/*`` per epoch) in ``output_dir``. Other processes write nothing."""
+    """What the main process writes besides checkpoints, with detectron2's event storage and
+    writers, as ``train_net.py`` does: ``metrics.json`` (training scalars every ``period``
+    steps: ``total_loss``, ``loss_cls``, ``loss_budget``, ``lr``, ``dge/beta`` ...; one row
+    per epoch with ``classification/acc1`` ..., ``routing/beta`` ..., ``train/*`` epoch means
+    and ``epoch``), TensorBoard events of the same scalars, and ``config.yaml`` (the model,
+    its DGE budget and every argument) in ``output_dir``. Other processes write nothing."""
 
-    def __init__(self, output_dir: str, is_main: bool):
-        self.path = os.path.join(output_dir, "log.jsonl")
-        self.writer = SummaryWriter(output_dir) if is_main else None
+    def __init__(self, output_dir: str, is_main: bool, args: argparse.Namespace, start_step: int, period: int):
+        self.storage = EventStorage(start_step).__enter__()  # the current storage, as in detectron2's trainer
+        self.period = period
+        self.writers = []
+        if is_main:
+            self.writers = [
+                WholeLinesJSONWriter(os.path.join(output_dir, "metrics.json")),
+                TensorboardXWriter(output_dir),
+            ]
+            uses_dge = args.model.endswith("_dge") and not args.no_dge
+            config = {
+                "MODEL": {"NAME": args.model, "DGE": {"ENABLED": uses_dge, "BUDGET": args.budget}},
+                "CLASSIFIER": vars(args),
+            }
+            atomic_write_text(yaml.safe_dump(config, sort_keys=False), os.path.join(output_dir, "config.yaml"))
 
-    def train_step(self, step: int, scalars: Dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
+    def train_step(self, step: int, scalars: Dict[str, float], last_of_epoch: bool) -> None:
+        self.storage.iter = step
+        renamed = {"total_loss" if k == "loss" else (k if k.startswith(("loss", "lr")) else f"dge/{k}"): v
+                   for k, v in scalars.items()}
+        self.storage.put_scalars(**renamed)
+        if step % self.period == 0 and not last_of_epoch:  # the epoch's last step is written with its evaluation
+            self._write()
 
     def epoch(self, row: Dict[str, float], train: Dict[str, float], val: Dict[str, float]) -> None:
-        if self.writer is None:
-            return
-        row = dict(row, **{f"train_{k}": v for k, v in train.items()})
-        row.update({f"val_{k}": v for k, v in val.items() if k != "epoch"})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        scalars = dict(row, **{f"train/{k}": v for k, v in train.items()})
         for k, v in val.items():
-            if k not in ("epoch", "images"):
-                self.writer.add_scalar(f"val/{k}", v, row["epoch"])
-        self.writer.flush()
+            if k == "epoch" or v is None:
+                continue
+            routing = k.startswith(("beta", "share_phi"))
+            scalars[f"routing/{k}" if routing else f"classification/{k}"] = v
+        self.storage.put_scalars(**scalars, smoothing_hint=False)
+        self._write()
+
+    def _write(self) -> None:
+        for writer in self.writers:
+            writer.write()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
+        self.storage.__exit__(None, None, None)
 
 
 def _datasets(args: argparse.Namespace, checkpoint: Optional[Dict], resume: Optional[str]):
@@ -232,7 +257,7 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
         else:
             say(f"the checkpoint comes from {len(states)} processes, this run has {env.world_size}: "
                 "the data order and augmentations will differ from an uninterrupted run")
-    run_log = RunLog(args.output_dir, env.is_main)
+    run_log = RunLog(args.output_dir, env.is_main, args, step, args.print_freq)
     results: Dict[str, float] = {}
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -240,8 +265,9 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
             train_loader.sampler.set_epoch(epoch)
             step, train_stats = train_one_epoch(
                 model, train_loader, optimizer, scheduler, criterion, epoch=epoch, step=step, device=env.device,
-                mixup=mixup, budget=args.budget, budget_weight=args.budget_weight, clip_grad=args.clip_grad,
-                print_freq=args.print_freq, log=say, on_step=run_log.train_step,
+                mixup=mixup, budget=BudgetLoss(args.budget, args.budget_weight) if args.budget is not None else BudgetLoss(), clip_grad=args.clip_grad,
+                print_freq=args.print_freq, log=say,
+                on_step=lambda i, scalars: run_log.train_step(i, scalars, i % steps_per_epoch == 0),
             )
             results = evaluate(model, val_loader, env.device, *flops)
             results["epoch"] = epoch
