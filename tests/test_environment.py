@@ -75,10 +75,17 @@ def test_patched_polygons_to_bitmask_and_mask_area():
 
 
 def test_patched_class_histogram(caplog):
+    import logging
+    import re
+
     from detectron2.data.build import print_instances_class_histogram
 
     dicts = [{"annotations": [{"category_id": 0}, {"category_id": 1}, {"category_id": 1}]}]
-    print_instances_class_histogram(dicts, ["a", "b"])
+    with caplog.at_level(logging.INFO):
+        print_instances_class_histogram(dicts, ["a_cat", "b_cat"])
+    text = re.sub(r"\x1b\[[0-9;]*m", "", caplog.text)  # the table is coloured
+    assert re.search(r"a_cat\s*\|\s*1\b", text) and re.search(r"b_cat\s*\|\s*2\b", text), text
+    assert re.search(r"total\s*\|\s*3\b", text), text
 
 
 def test_patched_sem_seg_evaluator(tmp_path):

@@ -47,7 +47,21 @@ def test_visualize_gates_writes_a_figure_and_the_numbers_per_image(tmp_path):
 def test_predict_writes_visualised_predictions(tmp_path):
     from predict import main
 
+    from dge.config import load_config
+    from dge.data import iter_images
+    from dge.engine import Predictor
+
     out = tmp_path / "pred"
-    summary = main(["--config-file", DEMO, "--input", "skimage:rocket", "--output", str(out), *SMALL])
+    threshold = 0.1  # an untrained model scores its detections near 1/(classes + 1)
+    torch.manual_seed(0)  # the same random initialisation for the tool and the check below
+    summary = main(["--config-file", DEMO, "--input", "skimage:rocket", "--output", str(out),
+                    "--confidence-threshold", str(threshold), *SMALL])
     assert os.path.getsize(out / "rocket_pred.jpg") > 1000
-    assert summary["rocket"]["num_detections"] >= 0 and summary["rocket"]["beta"] > 0
+    cfg = load_config(DEMO, SMALL)
+    torch.manual_seed(0)
+    predictor = Predictor(cfg)
+    _, bgr = next(iter_images(["skimage:rocket"]))
+    expected = predictor(bgr)
+    kept = int((expected["instances"].scores >= threshold).sum())
+    assert kept > 0 and summary["rocket"]["num_detections"] == kept
+    assert summary["rocket"]["beta"] == pytest.approx(float(expected["dge"]["beta"]), abs=1e-6)

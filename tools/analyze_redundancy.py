@@ -4,9 +4,9 @@
 For every encoder block, the Pearson correlation coefficient of each input query (class
 token left out) with the mean token of its 2×2 patch:
 
-    python tools/analyze_redundancy.py --model deit_small_patch16_256 --weights deit_s.pth
+    python tools/analyze_redundancy.py --model deit_small_vanilla --weights deit_s.pth
     python tools/analyze_redundancy.py --model pvt_small --input photo.jpg folder/ skimage:chelsea
-    python tools/analyze_redundancy.py --model deit_small_patch16_256 --weights deit_s.pth \\
+    python tools/analyze_redundancy.py --model deit_small_vanilla --weights deit_s.pth \\
         --data-path datasets/imagenet --max-images 5000 --thresholds 0.5 0.7 0.8 0.9 0.95 0.99
 
 Writes to --output (default output/redundancy):
@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -43,24 +42,23 @@ import tqdm
 from timm.data import resolve_data_config
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dge.analysis.plots import (  # noqa: E402
+from dge.analysis.plots import (
     plot_accuracy_complexity,
     plot_correlation_histogram,
     plot_layer_histograms,
     plot_layer_variance,
 )
-from dge.analysis.redundancy import RedundancyProbe, RedundancyStats, stats_to_dict  # noqa: E402
-from dge.classification import (  # noqa: E402
+from dge.analysis.redundancy import RedundancyProbe, RedundancyStats, stats_to_dict
+from dge.classification import (
     build_dataset,
     build_model,
     build_transforms,
     dge_model_names,
     load_checkpoint,
 )
-from dge.classification.trainer import load_weights  # noqa: E402
-from dge.data import DEFAULT_PHOTOS, iter_images  # noqa: E402
+from dge.classification.trainer import load_weights
+from dge.data import DEFAULT_PHOTOS, iter_images
 
 logger = logging.getLogger("dge.analyze_redundancy")
 
@@ -74,8 +72,8 @@ def vanilla_model_names() -> List[str]:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_256", metavar="NAME",
-                        help=f"a vanilla model: {', '.join(vanilla_model_names())} (default: deit_small_patch16_256)")
+    parser.add_argument("--model", default="deit_small_vanilla", metavar="NAME",
+                        help=f"a vanilla model: {', '.join(vanilla_model_names())} (default: deit_small_vanilla)")
     parser.add_argument("--weights", metavar="PATH",
                         help="a checkpoint of tools/train_classifier.py, or an official DeiT / PVT v1 one")
     source = parser.add_mutually_exclusive_group()

@@ -25,7 +25,6 @@ because a FLOP costs more time in some stages than in others (e.g. DPVT's stage 
 are the real photographs scikit-image ships, resized to each size.
 """
 import argparse
-import copy
 import gc
 import json
 import os
@@ -34,70 +33,27 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-import dge  # noqa: E402,F401
-from dge.config import load_config  # noqa: E402
-from dge.data import DEFAULT_PHOTOS, iter_images  # noqa: E402
-from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset  # noqa: E402
-from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module  # noqa: E402
-from dge.layers import budget_loss, complexity_report, dge_modules  # noqa: E402
-
-
-def photos(batch: int, hw, device) -> torch.Tensor:
-    """[batch, 3, H, W] float RGB in 0..255 from scikit-image's photographs."""
-    import cv2
-
-    images = [img for _, img in iter_images(DEFAULT_PHOTOS)]
-    out = [cv2.resize(images[i % len(images)], (hw[1], hw[0]))[:, :, ::-1] for i in range(batch)]
-    return torch.as_tensor(np.stack(out).transpose(0, 3, 1, 2).copy(), dtype=torch.float32, device=device)
-
-
-def normalise(model, images: torch.Tensor) -> torch.Tensor:
-    return (images - model.pixel_mean.view(1, -1, 1, 1)) / model.pixel_std.view(1, -1, 1, 1)
-
-
-def timed_interleaved(cases: dict, runs: int, warmup: int, sync) -> dict:
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    samples = {k: [] for k in cases}
-    for _ in range(runs):
-        for k, fn in cases.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            samples[k].append((time.perf_counter() - t0) * 1e3)
-    return samples
-
-
-def _status_mb(field: str) -> float:
-    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Resets this process's peak resident memory (Linux: VmHWM) to the current one."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+import dge  # noqa: F401
+from dge.analysis.calibration import calibrate, set_logit_offset
+from dge.analysis.latency import (
+    PRECISIONS,
+    RUNTIMES,
+    build_models,
+    case_functions,
+    largest_difference,
+    normalise,
+    photos,
+    precision_check,
+    read_status_mb,
+    reset_peak_rss,
+    timed_interleaved,
+    with_precision,
+)
+from dge.config import load_config
+from dge.layers import complexity_report
 
 
 def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> dict:
@@ -112,94 +68,6 @@ def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> dict:
         cmd += ["--logit-offset", *map(str, offset)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def build_models(cfg, variants=("vanilla", "dge")):
-    """{variant: model}: the DGE model (MODEL.WEIGHTS if given) and its vanilla twin with the
-    same weights but the routers. Untrained routers get weights of std 1/√C (seeded) so that
-    regions differ."""
-    torch.manual_seed(0)
-    dge_model = build_model(cfg).eval()
-    trained = bool(cfg.MODEL.WEIGHTS)
-    if trained:
-        DetectionCheckpointer(dge_model).load(cfg.MODEL.WEIGHTS)
-    else:
-        randomize_routers(dge_model, seed=0)
-    models = {"dge": dge_model}
-    if "vanilla" in variants:
-        vanilla_cfg = cfg.clone()
-        vanilla_cfg.MODEL.DGE.ENABLED = False
-        models["vanilla"] = build_model(vanilla_cfg).eval()
-        models["vanilla"].load_state_dict(vanilla_state_dict(dge_model))  # same weights but the routers
-    return models, trained
-
-
-RUNTIMES = ("eager", "exported", "onnxruntime", "compile")
-
-
-def backbone_runner(backbone, x, runtime: str, workdir: str):
-    """A function running ``backbone`` on ``x`` in ``runtime``: eager; ``exported``
-    (torch.export, the program's module); ``onnxruntime`` (ONNX of the exported program,
-    onnxruntime on torch's thread count); ``compile`` (``torch.compile``, dynamic query
-    counts captured as unbacked sizes). Exports and compiles happen here, before timing."""
-    if runtime == "eager":
-        return lambda: backbone(x)
-    if runtime == "compile":
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        compiled = torch.compile(backbone)
-        return lambda: compiled(x)
-    module = RoutedOutputs(backbone).eval()
-    fmt = "exported" if runtime == "exported" else "onnx"
-    path = os.path.join(workdir, f"{id(backbone)}{FILE_SUFFIXES[fmt]}")
-    export_module(module, x, path, fmt)
-    exported = ExportedModel(path)
-    return lambda: exported(x)
-
-
-def case_functions(what, models, x, inputs, budget, runtime="eager", workdir=None):
-    if runtime != "eager" and what != "backbone":
-        raise ValueError(f"--runtime {runtime} measures the backbone only (--what backbone); got --what {what}")
-    if what == "train":
-        budgets = {"vanilla": None, "dge": budget}
-        return {k: train_step(m.backbone.bottom_up, x, budgets[k]) for k, m in models.items()}
-    if what == "backbone":
-        return {k: backbone_runner(m.backbone.bottom_up, x, runtime, workdir) for k, m in models.items()}
-    return {k: (lambda m=m: m(inputs)) for k, m in models.items()}
-
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def with_precision(fn, device: torch.device, precision: str):
-    """``fn`` under ``torch.autocast`` in ``precision`` (fp32: ``fn`` itself); a training step
-    under autocast is AMP's (the loss scaler's work is negligible)."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return fn
-
-    def run():
-        with torch.autocast(device.type, dtype=dtype):
-            return fn()
-
-    return run
-
-
-def precision_check(backbone, x, device, precision: str) -> dict:
-    """The backbone under autocast against float32 on ``x``: largest difference of the output
-    maps relative to their largest value, and β of both."""
-    reference = backbone(x)
-    beta32 = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
-    out = with_precision(lambda: backbone(x), device, precision)()
-    beta = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
-    diff = max(float((out[k].float() - v).abs().max() / v.abs().max()) for k, v in reference.items())
-    return {"max_rel_diff_to_fp32": diff, "beta_fp32": beta32, "beta": beta}
-
-
-def largest_difference(function, backbone, x) -> float:
-    """Largest |output - eager output| of a runtime's ``function`` over the backbone's maps."""
-    reference = backbone(x)
-    out = function()
-    return max(float((out[k] - v).abs().max()) for k, v in reference.items())
 
 
 def main(argv=None):
@@ -396,46 +264,15 @@ def memory_case(args, cfg, device):
     fn = case_functions(what, models, x, inputs, cfg.MODEL.DGE.BUDGET)[variant]
     gc.collect()
     reset = reset_peak_rss()
-    before = _status_mb("VmRSS") if reset else None
+    before = read_status_mb("VmRSS") if reset else None
     with torch.enable_grad() if what == "train" else torch.inference_mode():
         fn()  # the first run: a second one would reuse memory glibc kept from it
     if reset:
-        peak = _status_mb("VmHWM")
+        peak = read_status_mb("VmHWM")
         print(json.dumps({"peak_rss_mb": round(peak, 1), "rss_increase_mb": round(peak - before, 1)}))
     else:
         lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"process_peak_rss_mb (includes building the models)": round(lifetime, 1)}))
-
-
-def vanilla_state_dict(model) -> dict:
-    """The state dict of ``model`` laid out as its vanilla twin's: the DGE wrappers' block
-    parameters without ``.block``, no routers."""
-    wrappers = [name for name, m in model.named_modules() if m in set(dge_modules(model))]
-    out = {}
-    for key, value in model.state_dict().items():
-        owner = next((w for w in wrappers if key.startswith(w + ".")), None)
-        if owner is None:
-            out[key] = value
-        elif key.startswith(owner + ".block."):
-            out[owner + "." + key[len(owner) + len(".block."):]] = value
-    return out
-
-
-def train_step(backbone, x, budget):
-    """One training step of ``backbone`` on ``x``: mean of its outputs (+ the budget loss)."""
-    backbone = copy.deepcopy(backbone).train()
-    optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-6)
-
-    def step():
-        outputs = backbone(x)
-        loss = sum(v.float().mean() for v in outputs.values())
-        if budget is not None:
-            loss = loss + budget_loss(complexity_report(backbone).beta, budget)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ so that machine noise hits both alike; the median of ``--runs`` is reported.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
-from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, token_centers
+from dge.analysis.latency import timed_interleaved
+from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 
 
 def map_with_query_ratio(batch, regions_hw, ratio, region_size, generator):
@@ -35,15 +35,6 @@ def map_with_query_ratio(batch, regions_hw, ratio, region_size, generator):
         gmap[:, free] = g
         queries += k * gain
     return gmap.view(batch, hr, wr)
-
-
-def timed(fn, runs):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main():
@@ -68,27 +59,21 @@ def main():
     dge = DynamicGrainedEncoder(block, c, granularities=(1, 2, 4)).eval()
     h, w = args.tokens
     x = torch.randn(args.batch, h * w, c)
-    centers = token_centers(h, w).expand(args.batch, -1, -1)
     hr, wr = -(-h // 4), -(-w // 4)
     ones = torch.ones(args.batch, hr, wr, dtype=torch.long)
     sparse = map_with_query_ratio(args.batch, (hr, wr), args.ratio, 4, torch.Generator().manual_seed(0))
 
     cases = {
-        "vanilla": lambda: block(x, x, (h, w), centers),
+        "vanilla": lambda: block(x, (h, w)),
         "dge_all_fine": lambda: dge(x, (h, w), ones),
         "dge_sparse": lambda: dge(x, (h, w), sparse),
     }
     with torch.inference_mode():
         dge(x, (h, w), sparse)
         query_ratio = dge.last_routing.num_queries.float().mean().item() / (h * w)
-        for fn in cases.values():
-            timed(fn, args.warmup)
-        samples = {k: [] for k in cases}
-        for _ in range(args.runs):  # interleaved
-            for k, fn in cases.items():
-                samples[k] += timed(fn, 1)
-    med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-    spread = {k: (min(v) * 1e3, max(v) * 1e3) for k, v in samples.items()}
+        samples = timed_interleaved(cases, args.runs, args.warmup)  # ms
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    spread = {k: (min(v), max(v)) for k, v in samples.items()}
     result = {
         "attention": args.attention,
         "tokens": [h, w],

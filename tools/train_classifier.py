@@ -7,12 +7,9 @@
 
 ``--help`` lists the recipe (the paper's defaults) and the ablation switches.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dge.classification import parse_args, run  # noqa: E402
+from dge.classification import parse_args, run
 
 
 def main(argv=None):
