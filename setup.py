@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """dge: Dynamic Grained Encoder for vision transformers, as a detectron2 project.
 
-The environment (torch, detectron2 without compiled ops, pinned requirements) is made by
-``tools/setup/setup_env.sh``; ``pip install -e .`` then only installs this package.
+Into an environment that has torch, torchvision and detectron2 (v0.6 or built from source):
+``pip install -e .`` installs what the package and its tools import, ``pip install -e .[test]``
+also what the test suite needs. ``requirements.txt`` is the pinned set that
+``tools/setup/setup_env.sh`` (the README's set-up) installs.
 """
 from setuptools import find_packages, setup
 
@@ -12,6 +14,28 @@ setup(
     description="Dynamic Grained Encoder for Vision Transformers (detectron2 + timm)",
     packages=find_packages(include=["dge", "dge.*"]),
     python_requires=">=3.9",
-    # detectron2 is not on PyPI: tools/setup/build_detectron2.py installs it.
-    install_requires=["torch", "torchvision", "fvcore", "timm", "pycocotools", "matplotlib"],
+    # detectron2 is not on PyPI as a current build: tools/setup/build_detectron2.py (v0.6) or
+    # its sources (https://github.com/facebookresearch/detectron2) install it.
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "numpy",
+        "PyYAML",
+        "fvcore",
+        "iopath",
+        "timm>=1.0.9",
+        "pycocotools",
+        "matplotlib",
+        "opencv-python-headless",
+        "scikit-image",
+        "scipy",
+        "Pillow",
+        "tensorboard",
+        "tqdm",
+        "tabulate",
+    ],
+    extras_require={
+        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "onnx", "onnxscript", "onnxruntime"],
+    },
 )
