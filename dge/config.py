@@ -50,6 +50,8 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.MODEL.DGE.BUDGET = _BUDGET.budget
     # λ, weight of the budget loss (Eq. 8).
     cfg.MODEL.DGE.BUDGET_WEIGHT = _BUDGET.weight
+    # β target whose calibrated router offsets (tools/calibrate_budget.py) inference uses; 0: as trained.
+    cfg.MODEL.DGE.INFERENCE_BUDGET = 0.0
     # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
     cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 

@@ -1,14 +1,16 @@
-"""Routers of untrained models made to route by content, at a chosen β: random gate weights,
-then one offset (or one per router) on the finest choice's logit, found by bisection."""
+"""Router calibration, the one implementation: offsets on the finest choice's logit found by
+bisection until β reaches a target (shared, per block or per stage). Untrained models
+(benchmarks, export checks) get random gate weights first and the offsets on their biases;
+trained ones get them as inference budgets (``tools/calibrate_budget.py``)."""
 import math
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..layers import complexity_report, dge_modules
+from ..layers import complexity_report, dge_modules, dge_stages
 
-__all__ = ["randomize_routers", "set_logit_offset", "calibrate"]
+__all__ = ["randomize_routers", "set_logit_offset", "calibrate", "block_flops", "stage_groups"]
 
 
 @torch.no_grad()
@@ -32,28 +34,68 @@ def set_logit_offset(model: nn.Module, offsets: Sequence[float]) -> None:
         m.router.gate.bias[fine] += offset
 
 
+def _bias_setter(model: nn.Module) -> Callable[[nn.Module, Sequence[float]], None]:
+    """Absolute offsets on the finest-choice biases, applied as changes from the last call."""
+    applied = [0.0] * len(dge_modules(model))
+
+    def apply(model: nn.Module, offsets: Sequence[float]) -> None:
+        set_logit_offset(model, [o - a for o, a in zip(offsets, applied)])
+        applied[:] = list(offsets)
+
+    return apply
+
+
+def block_flops(model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dynamic, static) multiply-adds per DGE block [L], summed over the images of the last forward."""
+    report = complexity_report(model)
+    return report.dynamic_flops.sum(dim=1), report.static_flops * report.dynamic_flops.shape[1]
+
+
+def stage_groups(model: nn.Module) -> List[List[int]]:
+    """The DGE blocks' indices (forward order) grouped by stage."""
+    return [[i for i, _, _ in layers] for layers in dge_stages(model).values()]
+
+
 @torch.no_grad()
 def calibrate(
-    model: nn.Module, run: Callable[[], object], target: float, steps: int = 14, per_block: bool = False
+    model: nn.Module,
+    run: Callable[[], object],
+    target: float,
+    steps: int = 14,
+    per_block: bool = False,
+    groups: Optional[List[List[int]]] = None,
+    apply: Optional[Callable[[nn.Module, Sequence[float]], None]] = None,
+    bound: float = 30.0,
 ) -> Tuple[List[float], float]:
-    """Bisection on offsets added to the routers' finest-choice logits: one shared offset on
-    the model's β, or (``per_block``) one per router on its own block's β. ``run()`` runs the
-    model on the calibration inputs. Returns (offsets, measured β of the last run), leaving
-    the offsets applied."""
-    n = len(dge_modules(model)) if per_block else 1
-    lo, hi, applied = [-30.0] * n, [30.0] * n, [0.0] * n
-    beta = None
+    """Bisection on offsets added to the routers' finest-choice logits, in [-bound, bound]:
+    one shared offset on the model's β, one per router (``per_block``) on its own block's β,
+    or one per group of blocks (``groups``, e.g. ``stage_groups``) on the group's β.
+
+    ``run()`` runs the model on the calibration inputs; it returns None (β is read from the
+    last forward) or ``block_flops``-like (dynamic [L], static [L]) sums over several forwards.
+    ``apply(model, offsets)`` puts absolute per-router offsets in place: by default on the
+    finest-choice biases (untrained models, ``tools/benchmark.py``), or the routers' inference
+    budget (``dge.layers.set_budget_offsets``). Returns (offsets per group, β of the last run),
+    leaving the offsets applied."""
+    n_blocks = len(dge_modules(model))
+    if groups is None:
+        groups = [[i] for i in range(n_blocks)] if per_block else [list(range(n_blocks))]
+    apply = apply or _bias_setter(model)
+    lo, hi = [-bound] * len(groups), [bound] * len(groups)
+    offsets, beta = [0.0] * len(groups), None
     for _ in range(steps):
-        mid = [0.5 * (a + b) for a, b in zip(lo, hi)]
-        set_logit_offset(model, [m - a for m, a in zip(mid, applied)])
-        applied = mid
-        run()
-        report = complexity_report(model)
-        beta = report.beta.mean().item()
-        betas = report.layer_beta.mean(dim=1).tolist() if per_block else [beta]
-        for i, value in enumerate(betas):
-            if value > target:
-                hi[i] = applied[i]
+        offsets = [0.5 * (a + b) for a, b in zip(lo, hi)]
+        per_block_offsets = [0.0] * n_blocks
+        for group, offset in zip(groups, offsets):
+            for i in group:
+                per_block_offsets[i] = offset
+        apply(model, per_block_offsets)
+        out = run()
+        dynamic, static = out if isinstance(out, tuple) else block_flops(model)
+        beta = (dynamic.sum() / static.sum()).item()
+        for k, group in enumerate(groups):
+            if (dynamic[group].sum() / static[group].sum()).item() > target:
+                hi[k] = offsets[k]
             else:
-                lo[i] = applied[i]
-    return applied, beta
+                lo[k] = offsets[k]
+    return offsets, beta

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GrainedRouter"]
+__all__ = ["GrainedRouter", "MAX_BUDGETS"]
+
+MAX_BUDGETS = 8  # inference budgets (β targets) whose calibrated offsets a router keeps
 
 
 class GrainedRouter(nn.Module):
@@ -19,6 +21,11 @@ class GrainedRouter(nn.Module):
         fine_index: index of the finest granularity among the K choices; its initial
             probability is ``init_fine_prob`` so that a fresh DGE model starts close to the
             vanilla one (vtpack: 0.95).
+
+    Inference budgets: ``budget_targets`` / ``budget_offsets`` (buffers, saved with the
+    model) keep up to ``MAX_BUDGETS`` calibrated β targets (NaN: a free slot) and, for each,
+    the offset added to the finest choice's logit; ``budget_offset`` (not saved) is the offset
+    in use, added in eval mode only (``dge.layers.inference_budget``). 0: as trained.
     """
 
     def __init__(self, dim: int, num_choices: int, fine_index: int = 0, init_fine_prob: float = 0.95):
@@ -26,6 +33,7 @@ class GrainedRouter(nn.Module):
         if not 0.0 < init_fine_prob < 1.0:
             raise ValueError(f"init_fine_prob must be in (0, 1); got {init_fine_prob}")
         self.num_choices = num_choices
+        self.fine_index = fine_index
         self.gate = nn.Linear(dim, num_choices)
         nn.init.trunc_normal_(self.gate.weight, std=0.01)
         bias = torch.zeros(num_choices)
@@ -36,6 +44,16 @@ class GrainedRouter(nn.Module):
             bias[fine_index] = b
         with torch.no_grad():
             self.gate.bias.copy_(bias)
+        self.register_buffer("budget_targets", torch.full((MAX_BUDGETS,), float("nan")))
+        self.register_buffer("budget_offsets", torch.zeros(MAX_BUDGETS))
+        self.register_buffer("budget_offset", torch.zeros(()), persistent=False)
+        self.register_buffer("_fine", F.one_hot(torch.tensor(fine_index), num_choices).float(), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before inference budgets have no table: an empty one, not "missing".
+        for name in ("budget_targets", "budget_offsets"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, region_features: torch.Tensor) -> torch.Tensor:
         """region_features: [B, Hr, Wr, C] region averages -> gating logits [B, Hr, Wr, K],
@@ -46,7 +64,10 @@ class GrainedRouter(nn.Module):
         device = x.device.type
         exact = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
         with exact:
-            return F.linear(x, self.gate.weight.float(), self.gate.bias.float())  # Eq. 1
+            logits = F.linear(x, self.gate.weight.float(), self.gate.bias.float())  # Eq. 1
+            if not self.training:  # the inference budget in use (0: the routers as trained)
+                logits = logits + self.budget_offset * self._fine
+            return logits
 
     @staticmethod
     def select(

@@ -1,0 +1,120 @@
+"""Inference budgets: router offsets calibrated for β targets, stored in a checkpoint, chosen
+by MODEL.DGE.INFERENCE_BUDGET in evaluation and the predictor."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_train_net import DEMO
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+SIZE = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160", "MODEL.DEVICE", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    """A demo-config checkpoint whose routers route by content (random gate weights stand in
+    for trained ones: the budget machinery does not care how they were learnt)."""
+    from detectron2.modeling import build_model
+
+    from dge.analysis.calibration import randomize_routers
+    from dge.config import load_config
+
+    torch.manual_seed(0)
+    model = build_model(load_config(DEMO, SIZE))
+    randomize_routers(model.backbone, seed=1)
+    path = str(tmp_path_factory.mktemp("budget") / "model.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def calibrate(*args):
+    from calibrate_budget import main
+
+    return main(["--config-file", DEMO, *args, *SIZE])
+
+
+def test_calibration_hits_each_target_on_held_out_images_and_keeps_them_all(trained, tmp_path):
+    out = str(tmp_path / "budgets.pth")
+    result = calibrate("--target-beta", "0.4", "0.7", "--images", "dge_synthetic_train", "--output", out,
+                       "MODEL.WEIGHTS", trained)
+    for row, target in zip(result["budgets"], (0.4, 0.7)):
+        assert abs(row["beta_calibration"] - target) < 0.01, row
+        assert abs(row["beta_held_out"] - target) < 0.05, row
+    saved = torch.load(out, weights_only=True)["model"]
+    tables = [v for k, v in saved.items() if k.endswith("router.budget_targets")]
+    assert tables and all(sorted(t[~t.isnan()].tolist()) == pytest.approx([0.4, 0.7]) for t in tables)
+    # Another run adds a target and keeps the file's others.
+    again = str(tmp_path / "more.pth")
+    calibrate("--target-beta", "0.55", "--images", "dge_synthetic_train", "--output", again, "MODEL.WEIGHTS", out)
+    from detectron2.modeling import build_model
+
+    from dge.config import load_config
+    from dge.layers import stored_budgets
+
+    model = build_model(load_config(DEMO, SIZE))
+    model.load_state_dict(torch.load(again, weights_only=True)["model"])
+    assert stored_budgets(model.backbone) == pytest.approx([0.4, 0.55, 0.7])
+
+
+def test_the_budget_survives_the_checkpoint_and_steers_the_predictor(trained, tmp_path):
+    from dge.config import load_config
+    from dge.data import iter_images
+    from dge.engine import Predictor
+
+    out = str(tmp_path / "budgets.pth")
+    calibrate("--target-beta", "0.4", "--images", "dge_synthetic_train", "--output", out, "MODEL.WEIGHTS", trained)
+    images = [bgr for _, bgr in iter_images([], "dge_synthetic_val")]
+    betas = {}
+    for budget in ("0.0", "0.4"):
+        cfg = load_config(DEMO, SIZE + ["MODEL.WEIGHTS", out, "MODEL.DGE.INFERENCE_BUDGET", budget])
+        predictor = Predictor(cfg)
+        betas[budget] = [float(predictor(img)["dge"]["beta"]) for img in images]
+    assert abs(np.mean(betas["0.4"]) - 0.4) < 0.06, betas
+    assert np.mean(betas["0.0"]) > 0.6, betas  # as trained: these routers keep most tokens
+    with pytest.raises(ValueError, match=r"no calibrated offsets for β = 0.3 .*stored: \[0.4\]"):
+        Predictor(load_config(DEMO, SIZE + ["MODEL.WEIGHTS", out, "MODEL.DGE.INFERENCE_BUDGET", "0.3"]))
+
+
+def test_bad_inputs_stop_with_a_clear_message(trained, tmp_path, monkeypatch):
+    from dge.config import load_config
+
+    for bad in ("0", "1.5"):
+        with pytest.raises(ValueError, match=r"--target-beta is a complexity ratio β in \(0, 1\]"):
+            calibrate("--target-beta", bad, "--images", "dge_synthetic_train", "MODEL.WEIGHTS", trained)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"gave 0 image\(s\); calibration needs at least 2"):
+        calibrate("--target-beta", "0.5", "--images", str(empty), "MODEL.WEIGHTS", trained)
+    vanilla = _vanilla_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"has no DGE routers .* vanilla or ImageNet checkpoint"):
+        calibrate("--target-beta", "0.5", "--images", "dge_synthetic_train", "MODEL.WEIGHTS", vanilla)
+    # Below the all-coarsest routing: stored at the closest reachable β, with a warning.
+    import calibrate_budget
+
+    warned = []
+    monkeypatch.setattr(calibrate_budget.logger, "warning", warned.append)
+    result = calibrate("--target-beta", "0.01", "--images", "dge_synthetic_train", "--output",
+                       str(tmp_path / "low.pth"), "MODEL.WEIGHTS", trained)
+    row = result["budgets"][0]
+    assert not row["reached"] and row["beta_calibration"] > 0.05, row
+    assert len(warned) == 1 and "out of reach" in warned[0] and "closest reachable β" in warned[0]
+    from detectron2.modeling import build_model
+
+    model = build_model(load_config(DEMO, SIZE + ["MODEL.DGE.INFERENCE_BUDGET", "0.5"])).eval()
+    with pytest.raises(ValueError, match="no weights were loaded"):
+        model([{"image": torch.zeros(3, 128, 160)}])
+    with pytest.raises(ValueError, match=r"MODEL.DGE.INFERENCE_BUDGET is a complexity ratio β in \(0, 1\]"):
+        build_model(load_config(DEMO, SIZE + ["MODEL.DGE.INFERENCE_BUDGET", "2.0"]))
+
+
+def _vanilla_checkpoint(tmp_path) -> str:
+    from detectron2.modeling import build_model
+
+    from dge.config import load_config
+
+    model = build_model(load_config(DEMO, SIZE + ["MODEL.DGE.ENABLED", "False"]))
+    path = str(tmp_path / "vanilla.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
