@@ -44,7 +44,7 @@ def test_calibration_hits_each_target_on_held_out_images_and_keeps_them_all(trai
         assert abs(row["beta_held_out"] - target) < 0.05, row
     saved = torch.load(out, weights_only=True)["model"]
     tables = [v for k, v in saved.items() if k.endswith("router.budget_targets")]
-    assert tables and all(sorted(t[~t.isnan()].tolist()) == pytest.approx([0.4, 0.7]) for t in tables)
+    assert tables and all(sorted(t[t > 0].tolist()) == pytest.approx([0.4, 0.7]) for t in tables)
     # Another run adds a target and keeps the file's others.
     again = str(tmp_path / "more.pth")
     calibrate("--target-beta", "0.55", "--images", "dge_synthetic_train", "--output", again, "MODEL.WEIGHTS", out)

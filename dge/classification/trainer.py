@@ -19,9 +19,9 @@ from detectron2.utils.events import EventStorage, TensorboardXWriter
 from ..layers import BudgetLoss, DGEOptions
 from ..modeling.backbone.convert import checkpoint_filter_fn
 from .build import REFERENCE_BATCH, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler
-from ..engine.checkpoint import atomic_write_text
+from ..engine.checkpoint import AtomicCheckpointer, atomic_write_text
 from ..engine.metrics import WholeLinesJSONWriter
-from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .data import build_dataset, build_loader, build_transforms
 from .distributed import DistEnv, init_distributed
 from ..analysis.flops import outside_dge_flops
@@ -258,6 +258,9 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
             say(f"the checkpoint comes from {len(states)} processes, this run has {env.world_size}: "
                 "the data order and augmentations will differ from an uninterrupted run")
     run_log = RunLog(args.output_dir, env.is_main, args, step, args.print_freq)
+    checkpointer = AtomicCheckpointer(
+        unwrap(model), args.output_dir, save_to_disk=env.is_main, optimizer=optimizer, scheduler=scheduler
+    )
     results: Dict[str, float] = {}
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -274,21 +277,11 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
             improved = results["acc1"] >= best_acc1
             best_acc1 = max(best_acc1, results["acc1"])
             rngs = _gather_rng(env)  # collective: every process takes part
-            if env.is_main:
-                state = dict(
-                    model=unwrap(model).state_dict(),
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    epoch=epoch,
-                    step=step,
-                    best_acc1=best_acc1,
-                    args=vars(args),
-                    classes=classes,
-                    rng=rngs,
-                )
-                atomic_save(state, os.path.join(args.output_dir, "checkpoint.pth"))
+            if env.is_main:  # detectron2's checkpointer (model, optimizer, scheduler), written atomically
+                extra = dict(epoch=epoch, step=step, best_acc1=best_acc1, args=vars(args), classes=classes, rng=rngs)
                 if improved:
-                    atomic_save(state, os.path.join(args.output_dir, "best.pth"))
+                    checkpointer.save("best", **extra)
+                checkpointer.save("checkpoint", **extra)  # last, so that last_checkpoint names it
             row = dict(epoch=epoch, step=step, time_s=time.perf_counter() - start, best_acc1=best_acc1)
             run_log.epoch(row, train_stats, results)
             say(f"epoch {epoch} val: " + format_results(results) + f"  (best top-1 {best_acc1:.2f})")

@@ -49,7 +49,7 @@ def set_budget_offsets(model: nn.Module, offsets: Sequence[float]) -> None:
 def _slot(router: GrainedRouter, target: float) -> int:
     targets = router.budget_targets.float().tolist()
     for i, t in enumerate(targets):
-        if not math.isnan(t) and abs(t - target) < 1e-6:
+        if t > 0 and abs(t - target) < 1e-6:
             return i
     return -1
 
@@ -59,7 +59,7 @@ def stored_budgets(model: nn.Module) -> List[float]:
     routers = budget_routers(model)
     common = None
     for router in routers:
-        mine = {round(t, 6) for t in router.budget_targets.float().tolist() if not math.isnan(t)}
+        mine = {round(t, 6) for t in router.budget_targets.float().tolist() if t > 0}
         common = mine if common is None else common & mine
     return sorted(common)
 
@@ -72,7 +72,7 @@ def store_budget(model: nn.Module, target: float) -> None:
     for router in budget_routers(model):
         slot = _slot(router, target)
         if slot < 0:
-            free = [i for i, t in enumerate(router.budget_targets.float().tolist()) if math.isnan(t)]
+            free = [i for i, t in enumerate(router.budget_targets.float().tolist()) if t <= 0]
             if not free:
                 raise ValueError(
                     f"the routers already keep {MAX_BUDGETS} inference budgets {stored_budgets(model)}; "

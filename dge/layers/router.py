@@ -23,7 +23,7 @@ class GrainedRouter(nn.Module):
             vanilla one (vtpack: 0.95).
 
     Inference budgets: ``budget_targets`` / ``budget_offsets`` (buffers, saved with the
-    model) keep up to ``MAX_BUDGETS`` calibrated β targets (NaN: a free slot) and, for each,
+    model) keep up to ``MAX_BUDGETS`` calibrated β targets (0: a free slot) and, for each,
     the offset added to the finest choice's logit; ``budget_offset`` (not saved) is the offset
     in use, added in eval mode only (``dge.layers.inference_budget``). 0: as trained.
     """
@@ -44,7 +44,7 @@ class GrainedRouter(nn.Module):
             bias[fine_index] = b
         with torch.no_grad():
             self.gate.bias.copy_(bias)
-        self.register_buffer("budget_targets", torch.full((MAX_BUDGETS,), float("nan")))
+        self.register_buffer("budget_targets", torch.zeros(MAX_BUDGETS))  # 0: a free slot
         self.register_buffer("budget_offsets", torch.zeros(MAX_BUDGETS))
         self.register_buffer("budget_offset", torch.zeros(()), persistent=False)
         self.register_buffer("_fine", F.one_hot(torch.tensor(fine_index), num_choices).float(), persistent=False)
