@@ -64,8 +64,8 @@ def load_model(cfg):
         raise ValueError("MODEL.DGE.ENABLED is False: an inference budget needs a DGE model")
     model = build_model(cfg).eval()
     checkpointer = AtomicCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(cfg.MODEL.WEIGHTS))
-    untrained = [k for k in incompatible.missing_keys if ".router.gate." in k]
+    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    untrained = [k for k in checkpointer.last_incompatible.missing_keys if ".router.gate." in k]
     if untrained:
         raise ValueError(
             f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} has no DGE routers ({len(untrained)} router tensors missing, "

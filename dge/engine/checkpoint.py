@@ -4,6 +4,8 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..layers import is_router_state
+
 __all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
@@ -78,7 +80,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         of the backbone and of the rest it loaded."""
         held = list(checkpoint.get("model", {}))
         incompatible = super()._load_model(checkpoint)
-        expected = [k for k in self.model.state_dict() if k.startswith("backbone.")]
+        self.last_incompatible = incompatible
+        expected = [k for k in self.model.state_dict() if k.startswith("backbone.") and not is_router_state(k)]
         if not expected:
             return incompatible
         bad = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}

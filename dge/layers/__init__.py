@@ -14,6 +14,6 @@ from .complexity import (
 )
 from .encoder import DGEOptions, DynamicGrainedEncoder, RoutingInfo, is_capturing, specialize_to_input
 from .grained import QueryRows, token_centers
-from .keys import map_block_keys, map_dge_keys
+from .keys import is_router_state, map_block_keys, map_dge_keys
 from .inference_budget import check_budget, set_budget_offsets, store_budget, stored_budgets, use_budget
 from .router import MAX_BUDGETS, GrainedRouter

@@ -11,10 +11,18 @@ from typing import Dict, MutableMapping
 import torch
 from torch import nn
 
-__all__ = ["DGE_OWN_KEYS", "map_block_keys", "map_dge_keys"]
+__all__ = ["DGE_OWN_KEYS", "ROUTER_STATE", "is_router_state", "map_block_keys", "map_dge_keys"]
 
 # What a DGE wrapper stores beside its block: the router, and vtpack's split sizes (conversion only).
 DGE_OWN_KEYS = ("router.", "splits")
+# A router's own state, not weights: its table of inference budgets (empty unless calibrated).
+ROUTER_STATE = ("router.budget_targets", "router.budget_offsets")
+
+
+def is_router_state(key: str) -> bool:
+    """Whether ``key`` is a router's budget table: no checkpoint of other code has it, and a
+    model without it starts with an empty one."""
+    return key.endswith(ROUTER_STATE)
 
 
 def map_block_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str, wrapped: bool) -> None:

@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from dge.layers import DynamicGrainedEncoder, map_dge_keys
+from dge.layers import DynamicGrainedEncoder, is_router_state, map_dge_keys
 
 from .utils import resample_pos_embed
 
@@ -107,6 +107,8 @@ def finish_conversion(
     out: Dict[str, torch.Tensor] = {}
     splits: Dict[str, torch.Tensor] = {}
     for key, value in map_dge_keys(converted, model).items():
+        if is_router_state(key) and key not in target:
+            continue  # a budget table of a router the model does not have: its gate is reported
         if ".router." in key and key.partition(".router.")[0] not in wrappers:
             conversion.dropped[key] = "DGE router; the model has no DGE block here"
             continue
@@ -172,11 +174,12 @@ def finish_conversion(
             f"{conversion.source} checkpoint does not fit the model ({len(bad)} shape mismatches): "
             + "; ".join(bad[:5])
         )
-    conversion.missing = [k for k in target if k not in out]
+    # No other code has budget tables: the model's (empty) ones are neither missing nor written.
+    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
     conversion.unexpected = [k for k in out if k not in target]
     conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
-    if fill_routers:
-        for k in conversion.initial_routers:
+    if fill_routers:  # timm loads strictly: every router tensor, budget tables too
+        for k in conversion.initial_routers + [k for k in target if is_router_state(k) and k not in out]:
             out[k] = target[k]
     conversion.state_dict = out
     return conversion
