@@ -323,11 +323,11 @@ def test_dense_training_agrees_with_sparse_with_a_class_token(kind):
 
 def test_router_initially_prefers_the_finest_granularity():
     for phi, fine in [((1, 2, 4), 0), ((0, 1), 1), ((1, 2, 4, 8), 0)]:
-        router = GrainedRouter(C, len(phi), fine_index=fine)
+        router = GrainedRouter(C, len(phi), fine_index=fine, init_fine_prob=0.95)
         p = torch.softmax(router(torch.zeros(1, 1, 1, C)), dim=-1)[0, 0, 0]
         assert abs(p[fine].item() - 0.95) < 1e-4
     # vtpack's value for K = 3: ±log√38.
-    assert abs(GrainedRouter(C, 3).gate.bias[0].item() - math.log(math.sqrt(38))) < 1e-5
+    assert abs(GrainedRouter(C, 3, init_fine_prob=0.95).gate.bias[0].item() - math.log(math.sqrt(38))) < 1e-5
 
 
 def test_straight_through_gradient_of_the_router_is_analytic():

@@ -19,8 +19,8 @@ class GrainedRouter(nn.Module):
         dim: channels C of the region features.
         num_choices: K, the number of candidate granularities.
         fine_index: index of the finest granularity among the K choices; its initial
-            probability is ``init_fine_prob`` so that a fresh DGE model starts close to the
-            vanilla one (vtpack: 0.95).
+            probability is ``init_fine_prob`` (default in ``DGEOptions``) so that a fresh DGE
+            model starts close to the vanilla one.
 
     Inference budgets: ``budget_targets`` / ``budget_offsets`` (buffers, saved with the
     model) keep up to ``MAX_BUDGETS`` calibrated β targets (0: a free slot) and, for each,
@@ -28,7 +28,7 @@ class GrainedRouter(nn.Module):
     in use, added in eval mode only (``dge.layers.inference_budget``). 0: as trained.
     """
 
-    def __init__(self, dim: int, num_choices: int, fine_index: int = 0, init_fine_prob: float = 0.95):
+    def __init__(self, dim: int, num_choices: int, fine_index: int = 0, *, init_fine_prob: float):
         super().__init__()
         if not 0.0 < init_fine_prob < 1.0:
             raise ValueError(f"init_fine_prob must be in (0, 1); got {init_fine_prob}")
