@@ -9,13 +9,12 @@ timm names: ``deit_tiny_vanilla`` / ``deit_small_vanilla`` (no DGE; the paper's 
 input) and ``deit_tiny_dge`` / ``deit_small_dge``. Features (``features_only``,
 ``forward_intermediates``) are the blocks' outputs as stride-16 maps.
 """
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from dge.layers import DGEOptions
@@ -27,7 +26,7 @@ from .utils import (
     check_input_size,
     embed_tokens,
     init_transformer_weights,
-    prune_intermediates,
+    TokenModel,
     tokens_to_map,
 )
 
@@ -37,7 +36,7 @@ __all__ = ["DeiT", "DEIT_SIZES"]
 DEIT_SIZES = {"tiny": (192, 3), "small": (384, 6)}
 
 
-class DeiT(nn.Module):
+class DeiT(TokenModel):
     """DeiT-Ti / DeiT-S.
 
     Args:
@@ -88,23 +87,19 @@ class DeiT(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(num_classes)
         init_transformer_weights(self)
 
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             if global_pool not in ("token", "avg"):
                 raise ValueError(f"global_pool must be one of ('token', 'avg'); got {global_pool!r}")
             self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(num_classes)
 
     @property
     def patch_size(self) -> int:
@@ -115,36 +110,16 @@ class DeiT(nn.Module):
         tokens, hw = embed_tokens(x, self.patch_embed, self.pos_embed, self.pos_grid, self.cls_token)
         return self.pos_drop(tokens), hw
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Block outputs as maps [B, C, H/16, W/16] (timm's feature API, class token dropped;
-        ``norm`` applies the final norm to each). Returns the maps, or (final normalised tokens,
-        maps) unless ``intermediates_only``."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+    def _intermediates(self, x, blocks, take_indices, norm):
+        """Block outputs as maps [B, C, H/16, W/16] (class token dropped; ``norm`` applies the
+        final norm to each)."""
         tokens, hw = self._embed(x)
-        blocks = self.blocks[: max_index + 1] if stop_early or intermediates_only else self.blocks
-        intermediates = []
+        maps = []
         for i, blk in enumerate(blocks):
             tokens = blk(tokens, hw)
             if i in take_indices:
-                intermediates.append(tokens_to_map(self.norm(tokens) if norm else tokens, hw, 1).contiguous())
-        if intermediates_only:
-            return intermediates
-        return self.norm(tokens), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        return prune_intermediates(self, "blocks", indices, prune_norm, prune_head)
+                maps.append(tokens_to_map(self.norm(tokens) if norm else tokens, hw, 1).contiguous())
+        return tokens, maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] -> normalised tokens [B, 1 + (H/16)*(W/16), C]."""
@@ -157,9 +132,6 @@ class DeiT(nn.Module):
         x = x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _create_deit(variant: str, size: str, pretrained: bool, kwargs: Dict) -> DeiT:

@@ -11,13 +11,12 @@ Front doors: the timm models registered at the bottom (``pvt_small``, ``pvt_smal
 PVT v1 and vtpack checkpoints onto this file's parameter names.
 """
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import nn
 
 from dge.layers import DGEOptions
@@ -30,7 +29,7 @@ from .utils import (
     check_input_size,
     embed_tokens,
     init_transformer_weights,
-    prune_intermediates,
+    TokenModel,
     tokens_to_map,
 )
 
@@ -118,7 +117,7 @@ class PyramidStage(nn.Module):
         return tokens, hw
 
 
-class PyramidVisionTransformer(nn.Module):
+class PyramidVisionTransformer(TokenModel):
     """PVT v1 / DPVT (optionally with DGE) in timm's model shape.
 
     Args:
@@ -130,6 +129,9 @@ class PyramidVisionTransformer(nn.Module):
         dge: None / False (vanilla), True (DGE with the defaults), a ``DGEOptions`` or a
             mapping of its fields (granularities, region_size, routing, ...).
     """
+
+    feature_layers = "stages"  # timm's feature API: one map per stage
+    pruned_pool = ""
 
     def __init__(
         self,
@@ -195,7 +197,7 @@ class PyramidVisionTransformer(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dims[-1], eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(num_classes)
         init_transformer_weights(self)
 
     @property
@@ -210,9 +212,6 @@ class PyramidVisionTransformer(nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)")
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             has_token = self.stages[-1].num_extra_tokens > 0
@@ -220,41 +219,19 @@ class PyramidVisionTransformer(nn.Module):
                 allowed = ("token", "avg", "") if has_token else ("avg", "")
                 raise ValueError(f"global_pool must be one of {allowed} for this model; got {global_pool!r}")
             self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(num_classes)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Per-stage maps [B, C_i, H/s_i, W/s_i] (timm's feature API; ``norm`` is not applied to
-        intermediates, PVT v1 has no per-stage norms). Returns the maps, or (final tokens after
-        the norm, maps) unless ``intermediates_only``."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
+    def _intermediates(self, x, stages, take_indices, norm):
+        """Per-stage maps [B, C_i, H/s_i, W/s_i] (``norm`` is not applied to them: PVT v1 has no
+        per-stage norms)."""
         check_input_size(x, self.min_input_size, type(self).__name__)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early or intermediates_only else self.stages
-        intermediates = []
-        tokens = x
+        tokens, maps = x, []
         for i, stage in enumerate(stages):
             tokens, hw = stage(x)
             x = tokens_to_map(tokens, hw, stage.num_extra_tokens)
             if i in take_indices:
-                intermediates.append(x.contiguous())
-        if intermediates_only:
-            return intermediates
-        return self.norm(tokens), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        return prune_intermediates(self, "stages", indices, prune_norm, prune_head, "")
+                maps.append(x.contiguous())
+        return tokens, maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] -> normalised last-stage tokens [B, E + h*w, C] (E = 1 with a class token)."""
@@ -272,9 +249,6 @@ class PyramidVisionTransformer(nn.Module):
             x = x[:, self.stages[-1].num_extra_tokens :].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------- timm registry

@@ -27,7 +27,7 @@ __all__ = [
     "embed_tokens",
     "init_transformer_weights",
     "make_attention",
-    "prune_intermediates",
+    "TokenModel",
     "resample_pos_embed",
     "tokens_to_map",
 ]
@@ -191,21 +191,53 @@ def tokens_to_map(tokens: torch.Tensor, hw: Tuple[int, int], num_extra: int = 0)
 
 
 
-def prune_intermediates(
-    model: nn.Module,
-    layers: str,
-    indices: Union[int, List[int]],
-    prune_norm: bool,
-    prune_head: bool,
-    global_pool: Optional[str] = None,
-) -> List[int]:
-    """timm's ``prune_intermediate_layers`` for a model whose ``model.<layers>`` ModuleList
-    yields its features: the layers after the last one taken are dropped, and the final norm
-    and the head if asked (the head reset with ``global_pool``)."""
-    take_indices, max_index = feature_take_indices(len(getattr(model, layers)), indices)
-    setattr(model, layers, getattr(model, layers)[: max_index + 1])
-    if prune_norm:
-        model.norm = nn.Identity()
-    if prune_head:
-        model.reset_classifier(0, global_pool)
-    return take_indices
+class TokenModel(nn.Module):
+    """timm's classifier and feature API for a token model whose ``model.<feature_layers>``
+    (a ModuleList: DeiT's blocks, the pyramid's stages) give its features. A subclass sets
+    ``num_features``, ``norm``, ``head_drop`` and defines ``forward_features``,
+    ``forward_head`` and ``_intermediates``."""
+
+    feature_layers = "blocks"
+    pruned_pool: Optional[str] = None  # the global_pool a pruned head is reset with
+
+    def _set_head(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """The feature maps [B, C_i, H_i, W_i] of the layers ``indices`` picks, or (the final
+        normalised tokens, the maps) unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW'; got {output_fmt!r}")
+        layers = getattr(self, self.feature_layers)
+        take_indices, max_index = feature_take_indices(len(layers), indices)
+        if stop_early or intermediates_only:
+            layers = layers[: max_index + 1]
+        tokens, maps = self._intermediates(x, layers, take_indices, norm)
+        return maps if intermediates_only else (self.norm(tokens), maps)
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drops the layers after the last one ``indices`` takes, and the final norm and the head if asked."""
+        take_indices, max_index = feature_take_indices(len(getattr(self, self.feature_layers)), indices)
+        setattr(self, self.feature_layers, getattr(self, self.feature_layers)[: max_index + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, self.pruned_pool)
+        return take_indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
