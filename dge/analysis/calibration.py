@@ -30,8 +30,7 @@ def set_logit_offset(model: nn.Module, offsets: Sequence[float]) -> None:
     modules = dge_modules(model)
     offsets = list(offsets) * len(modules) if len(offsets) == 1 else list(offsets)
     for m, offset in zip(modules, offsets):
-        fine = m.granularities.index(min(g for g in m.granularities if g > 0))
-        m.router.gate.bias[fine] += offset
+        m.router.gate.bias[m.router.fine_index] += offset
 
 
 def _bias_setter(model: nn.Module) -> Callable[[nn.Module, Sequence[float]], None]:
