@@ -16,22 +16,22 @@ import weakref
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
-from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
-from dge.compat import coco_evaluator, cpu_ddp_support, launch
+from dge.compat import cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
 from dge.data.loader import build_resumable_train_loader
 from dge.data.validation import validate_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
 from dge.engine import (
     AtomicCheckpointer,
-    DGEStatsEvaluator,
     StepSeeds,
     WholeLinesJSONWriter,
+    build_evaluator,
     build_lr_scheduler,
     build_optimizer,
 )
@@ -99,17 +99,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
-        evaluators = []
-        if evaluator_type in ("coco", "coco_panoptic_seg"):
-            evaluators.append(coco_evaluator(dataset_name, output_dir=output_folder))
-        elif evaluator_type == "sem_seg":
-            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
-        else:
-            raise NotImplementedError(f"no evaluator for dataset {dataset_name!r} of type {evaluator_type!r}")
-        evaluators.append(DGEStatsEvaluator())
-        return DatasetEvaluators(evaluators)
+        return build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

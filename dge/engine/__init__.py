@@ -1,7 +1,7 @@
 """Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints,
 whole-line metrics, step seeds, a checked predictor."""
 from .checkpoint import AtomicCheckpointer, atomic_save
-from .evaluator import DGEStatsEvaluator
+from .evaluator import DGEStatsEvaluator, build_evaluator
 from .metrics import WholeLinesJSONWriter
 from .optimizer import build_lr_scheduler, build_optimizer, no_weight_decay_params, param_groups
 from .seeds import StepSeeds
