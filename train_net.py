@@ -14,7 +14,7 @@ import logging
 import os
 import weakref
 
-from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -24,8 +24,7 @@ import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
 from dge.compat import cpu_ddp_support, launch
 from dge.data import CheckedDatasetMapper, check_datasets
-from dge.data.loader import build_resumable_train_loader
-from dge.data.validation import validate_records
+from dge.data.loader import build_resumable_train_loader, build_test_loader, validated_test_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
 from dge.engine import (
     AtomicCheckpointer,
@@ -111,11 +110,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            validated_test_records(cfg, dataset_name),
-            mapper=CheckedDatasetMapper(cfg, is_train=False),
-            num_workers=cfg.DATALOADER.NUM_WORKERS,
-        )
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -126,14 +121,6 @@ class Trainer(DefaultTrainer):
             raise ValueError(f"DATASETS.TRAIN mixes semantic segmentation with other tasks: {kinds}")
         augmentations = build_sem_seg_train_augmentation(cfg)
         return build_resumable_train_loader(cfg, CheckedDatasetMapper(cfg, is_train=True, augmentations=augmentations))
-
-
-def validated_test_records(cfg, dataset_name):
-    """The records of an evaluation dataset, checked (``dge.data.validation``; image checks
-    are cached, so checking before training and again at evaluation reads nothing twice)."""
-    records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-    validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
-    return records
 
 
 def setup(args):

@@ -118,3 +118,65 @@ def _vanilla_checkpoint(tmp_path) -> str:
     path = str(tmp_path / "vanilla.pth")
     torch.save({"model": model.state_dict()}, path)
     return path
+
+
+def _run_folder(folder, weights: str, *opts) -> str:
+    """A train_net.py-like run folder: ``config.yaml`` (the demo config with ``opts``) and
+    ``model_final.pth``."""
+    import shutil
+
+    from dge.config import load_config
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(load_config(DEMO, SIZE + list(opts)).dump())
+    shutil.copy(weights, os.path.join(folder, "model_final.pth"))
+    return str(folder)
+
+
+def test_budget_curves_measure_the_three_families_in_one_run(trained, tmp_path):
+    import json
+
+    from budget_curves import main
+
+    budgets = str(tmp_path / "dge" / "budgets.pth")
+    os.makedirs(os.path.dirname(budgets))
+    calibrate("--target-beta", "0.4", "1.0", "--images", "dge_synthetic_train", "--output", budgets,
+              "MODEL.WEIGHTS", trained)
+    dge_run = _run_folder(tmp_path / "dge", trained)
+    vanilla_run = _run_folder(tmp_path / "vanilla", _vanilla_checkpoint(tmp_path), "MODEL.DGE.ENABLED", "False")
+    out = str(tmp_path / "curves")
+    result = main(["--recalibrated", budgets, "--betas", "0.4", "1.0", "--trained", dge_run,
+                   "--vanilla", vanilla_run, "--output", out, "MODEL.DEVICE", "cpu"])
+    assert set(result) == {"recalibrated", "trained", "resized"}
+    low, full = result["recalibrated"]
+    assert abs(low["beta"] - 0.4) < 0.1 and full["beta"] == pytest.approx(1.0, abs=0.01), result
+    for family in result.values():
+        assert all(p["backbone_ms"] > 0 and 0 <= p["bbox/AP"] <= 100 and "segm/AP" in p for p in family)
+    small, native = result["resized"]
+    # β = 1: the vanilla model's own size; β = 0.4: a smaller input whose block FLOPs are near 0.4 of it.
+    assert native["min_size_test"] == 128 and native["beta"] == pytest.approx(1.0)
+    assert small["min_size_test"] < 128 and abs(small["beta"] - 0.4) < 0.12, small
+    assert result["trained"][0]["label"] == "γ=0.5"
+    with open(os.path.join(out, "budget_curves.json")) as f:
+        assert json.load(f) == result
+    assert os.path.getsize(os.path.join(out, "budget_curves.png")) > 10_000
+    with pytest.raises(ValueError, match="MODEL.DGE.ENABLED is True; give the vanilla model"):
+        main(["--vanilla", dge_run, "--output", out])
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        main(["--trained", str(tmp_path / "nowhere"), "--output", out])
+
+
+def test_the_forward_timer_times_each_forward_after_the_warm_up():
+    from dge.analysis.latency import ForwardTimer
+
+    calls = []
+    module = torch.nn.Linear(4, 4)
+    module.register_forward_hook(lambda m, a, o: calls.append(1))
+    with ForwardTimer(module, skip=2) as timer:
+        for _ in range(5):
+            module(torch.zeros(1, 4))
+    module(torch.zeros(1, 4))  # outside the block: not timed
+    assert len(timer.samples) == 3 and all(ms >= 0 for ms in timer.samples) and len(calls) == 6
+    with pytest.raises(ValueError, match="no forward of Linear was timed"):
+        ForwardTimer(module, skip=1).median()

@@ -1,7 +1,8 @@
 """Latency of a DGE model against its vanilla twin, the library behind ``tools/benchmark.py``
 and ``tools/benchmark_block.py``: inputs (scikit-image's photographs), the twin with the same
 weights, the functions each case times (backbone in a runtime, whole model, training step,
-autocast), the one timing loop (interleaved runs) and Linux resident-memory readings."""
+autocast), the one timing loop (interleaved runs), a timer of a module's forwards inside a
+larger run (``ForwardTimer``) and Linux resident-memory readings."""
 import copy
 import os
 import time
@@ -21,6 +22,7 @@ from .calibration import randomize_routers
 __all__ = [
     "PRECISIONS",
     "RUNTIMES",
+    "ForwardTimer",
     "backbone_runner",
     "build_models",
     "case_functions",
@@ -67,6 +69,46 @@ def timed_interleaved(
             sync()
             samples[k].append((time.perf_counter() - t0) * 1e3)
     return samples
+
+
+class ForwardTimer:
+    """Wall time of every forward of ``module`` while in the ``with`` block, in ms (``samples``),
+    from forward hooks: e.g. the backbone's share of a whole evaluation, measured in the same
+    run as its AP. ``sync`` waits for the device (``torch.cuda.synchronize`` on a GPU) at both
+    ends of each forward; ``skip`` first forwards are left out (warm-up)."""
+
+    def __init__(self, module: torch.nn.Module, sync: Callable[[], None] = lambda: None, skip: int = 0):
+        self.module, self.sync, self.skip = module, sync, skip
+        self.samples: List[float] = []
+        self._seen = 0
+        self._start = None
+        self._handles = []
+
+    def _pre(self, module, args):
+        self.sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.sync()
+        ms = (time.perf_counter() - self._start) * 1e3
+        self._seen += 1
+        if self._seen > self.skip:
+            self.samples.append(ms)
+
+    def __enter__(self) -> "ForwardTimer":
+        self._handles = [self.module.register_forward_pre_hook(self._pre), self.module.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def median(self) -> float:
+        """Median ms per forward; a ValueError when no forward was timed."""
+        if not self.samples:
+            raise ValueError(f"no forward of {type(self.module).__name__} was timed (after skipping {self.skip})")
+        return float(np.median(self.samples))
 
 
 def read_status_mb(field: str) -> float:

@@ -8,6 +8,7 @@ __all__ = [
     "METRIC_LABELS",
     "pyplot",
     "plot_accuracy_complexity",
+    "plot_budget_curves",
     "plot_correlation_histogram",
     "plot_layer_betas",
     "plot_layer_histograms",
@@ -155,6 +156,35 @@ def plot_metric_vs_budget(runs: Sequence[Dict], metric: str, path: str) -> str:
     axes[1].set_title(f"{label} vs measured β", fontsize=9)
     if any(not r["vanilla"] for r in runs):
         axes[1].legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_budget_curves(families: Dict[str, Sequence[Dict]], metrics: Sequence[str], path: str) -> str:
+    """Accuracy against budget: one row per metric, against the measured β (left) and the
+    backbone ms per image (right); one line per family, its points labelled. Each point:
+    ``label``, ``beta``, ``backbone_ms`` and the metrics it has."""
+    plt = pyplot()
+    colours = plt.get_cmap("tab10")
+    markers = "osD^v"
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10.0, 3.6 * len(metrics)), squeeze=False)
+    for row, metric in zip(axes, metrics):
+        for ax, key, xlabel in zip(row, ("beta", "backbone_ms"),
+                                   ("measured complexity ratio β", "backbone latency (ms per image)")):
+            for f, (name, points) in enumerate(families.items()):
+                found = sorted((p[key], p[metric], p["label"]) for p in points if metric in p and key in p)
+                if not found:
+                    continue
+                xs, ys, labels = zip(*found)
+                ax.plot(xs, ys, marker=markers[f % len(markers)], color=colours(f % 10), label=name)
+                for x, y, label in found:
+                    ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7,
+                                color=colours(f % 10))
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.grid(alpha=0.3)
+        row[0].set_title(f"{METRIC_LABELS.get(metric, metric)} vs measured β", fontsize=9)
+        row[1].set_title(f"{METRIC_LABELS.get(metric, metric)} vs backbone latency", fontsize=9)
+    axes[0][0].legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

@@ -24,15 +24,23 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from .checks import CheckedDatasetMapper
 from .validation import validate_records
 
-__all__ = ["ResumableBatches", "ResumableLoader", "build_resumable_train_loader", "step_seed"]
+__all__ = [
+    "ResumableBatches",
+    "ResumableLoader",
+    "build_resumable_train_loader",
+    "build_test_loader",
+    "step_seed",
+    "validated_test_records",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +199,21 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = No
     batches = ResumableBatches(groups, cfg.SOLVER.IMS_PER_BATCH // world, seed, comm.get_rank(), world)
     dataset = _MappedBatches(DatasetFromList(records, copy=True), mapper, batches)
     return ResumableLoader(dataset, cfg.DATALOADER.NUM_WORKERS)
+
+
+def validated_test_records(cfg, dataset_name: str) -> List[dict]:
+    """The records of an evaluation dataset, checked (``dge.data.validation``; image checks
+    are cached, so checking before training and again at evaluation reads nothing twice)."""
+    records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
+    return records
+
+
+def build_test_loader(cfg, dataset_name: str):
+    """detectron2's test loader of ``dataset_name``, validated, with ``CheckedDatasetMapper``
+    (images resized as INPUT.*_TEST): what evaluation in training and the tools read."""
+    return build_detection_test_loader(
+        validated_test_records(cfg, dataset_name),
+        mapper=CheckedDatasetMapper(cfg, is_train=False),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
