@@ -16,8 +16,8 @@ __all__ = ["SYNTHETIC_CLASSES", "DEFAULT_IMAGE_SIZE", "DEFAULT_NUM_TRAIN", "DEFA
 # Category k + 1 (COCO id and semantic label) is SYNTHETIC_CLASSES[k].
 SYNTHETIC_CLASSES = ["disc", "square", "triangle", "ring", "cross"]
 DEFAULT_IMAGE_SIZE = (256, 320)
-DEFAULT_NUM_TRAIN = 240
-DEFAULT_NUM_VAL = 48
+DEFAULT_NUM_TRAIN = 2000
+DEFAULT_NUM_VAL = 96
 SPLITS = ("train", "val")
 
 # Object size (diameter / side) as a fraction of the image's shorter side, and count per image.
