@@ -72,6 +72,10 @@ def test_the_budget_survives_the_checkpoint_and_steers_the_predictor(trained, tm
         predictor = Predictor(cfg)
         betas[budget] = [float(predictor(img)["dge"]["beta"]) for img in images]
     assert abs(np.mean(betas["0.4"]) - 0.4) < 0.06, betas
+    from detectron2.engine import DefaultPredictor  # detectron2's own predictor loads the budget alike
+
+    plain = DefaultPredictor(load_config(DEMO, SIZE + ["MODEL.WEIGHTS", out, "MODEL.DGE.INFERENCE_BUDGET", "0.4"]))
+    assert [float(plain(img)["dge"]["beta"]) for img in images] == pytest.approx(betas["0.4"], abs=1e-5)
     assert np.mean(betas["0.0"]) > 0.6, betas  # as trained: these routers keep most tokens
     with pytest.raises(ValueError, match=r"no calibrated offsets for β = 0.3 .*stored: \[0.4\]"):
         Predictor(load_config(DEMO, SIZE + ["MODEL.WEIGHTS", out, "MODEL.DGE.INFERENCE_BUDGET", "0.3"]))

@@ -52,7 +52,8 @@ from dge.layers import check_budget
 
 logger = logging.getLogger("dge.budget_curves")
 
-METRICS = ("bbox/AP", "segm/AP", "sem_seg/mIoU")
+METRICS = ("bbox/AP", "segm/AP", "sem_seg/mIoU")  # plotted
+EXTRA_METRICS = ("bbox/AP50", "segm/AP50")  # in the JSON only
 WARMUP_FORWARDS = 2  # backbone forwards of each evaluation left out of its latency
 FAMILIES = {
     "recalibrated": "one model, inference budgets",
@@ -102,7 +103,7 @@ def evaluate(cfg, dataset: str, output_folder: str) -> Dict[str, float]:
     with ForwardTimer(model.backbone, sync, skip=WARMUP_FORWARDS) as timer:
         results = inference_on_dataset(model, build_test_loader(cfg, dataset), build_evaluator(cfg, dataset, output_folder))
     point = {"backbone_ms": round(timer.median(), 2)}
-    for metric in METRICS:
+    for metric in METRICS + EXTRA_METRICS:
         task, key = metric.split("/")
         if key in results.get(task, {}):
             point[metric] = round(float(results[task][key]), 3)
