@@ -12,8 +12,8 @@ against the measured backbone latency, for
     alternative).
 
     python tools/budget_curves.py --recalibrated output/demo/model_final_budgets.pth \\
-        --betas 0.3 0.4 0.5 0.6 0.8 1.0 --trained output/demo_g025 output/demo output/demo_g075 \\
-        --vanilla output/demo_vanilla --output output/budget_curves
+        --betas 0.3 0.4 0.5 0.6 0.8 1.0 --trained output/demo_g0.25 output/demo output/demo_g0.75 \\
+        --vanilla output/demo_vanilla --output output/demo/budget_curves
 
 A RUN is a train_net.py output folder (its ``config.yaml`` and ``model_final.pth``) or a
 checkpoint file (with the ``config.yaml`` of its folder). Every point is one evaluation of
