@@ -151,16 +151,18 @@ def test_budget_curves_measure_the_three_families_in_one_run(trained, tmp_path):
     vanilla_run = _run_folder(tmp_path / "vanilla", _vanilla_checkpoint(tmp_path), "MODEL.DGE.ENABLED", "False")
     out = str(tmp_path / "curves")
     result = main(["--recalibrated", budgets, "--betas", "0.4", "1.0", "--trained", dge_run,
-                   "--vanilla", vanilla_run, "--output", out, "MODEL.DEVICE", "cpu"])
+                   "--vanilla", vanilla_run, "--output", out, "--latency-runs", "3", "MODEL.DEVICE", "cpu"])
     assert set(result) == {"recalibrated", "trained", "resized"}
     low, full = result["recalibrated"]
     assert abs(low["beta"] - 0.4) < 0.1 and full["beta"] == pytest.approx(1.0, abs=0.01), result
     for family in result.values():
-        assert all(p["backbone_ms"] > 0 and 0 <= p["bbox/AP"] <= 100 and "segm/AP" in p for p in family)
+        assert all(p["backbone_ms"] > 0 and p["backbone_ms_in_eval"] > 0 and 0 <= p["bbox/AP"] <= 100
+                   and "segm/AP" in p for p in family)
     small, native = result["resized"]
     # β = 1: the vanilla model's own size; β = 0.4: a smaller input whose block FLOPs are near 0.4 of it.
     assert native["min_size_test"] == 128 and native["beta"] == pytest.approx(1.0)
     assert small["min_size_test"] < 128 and abs(small["beta"] - 0.4) < 0.12, small
+    assert small["beta_targets"] == [0.4] and native["beta_targets"] == [1.0]
     assert result["trained"][0]["label"] == "γ=0.5"
     with open(os.path.join(out, "budget_curves.json")) as f:
         assert json.load(f) == result

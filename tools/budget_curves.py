@@ -17,22 +17,28 @@ against the measured backbone latency, for
 
 A RUN is a train_net.py output folder (its ``config.yaml`` and ``model_final.pth``) or a
 checkpoint file (with the ``config.yaml`` of its folder). Every point is one evaluation of
-DATASETS.TEST[0] (or --dataset) with detectron2's evaluator, and its backbone latency is the
-median wall time of the backbone's forwards in that same evaluation (one image per forward,
-as the test loader feeds them). β is the evaluation's measured mean (routing/beta) for DGE
-models and the FLOPs ratio of the input size for the vanilla model. Trailing KEY VALUE pairs
+DATASETS.TEST[0] (or --dataset) with detectron2's evaluator. Its backbone latency
+(``backbone_ms``, plotted) is the median over --latency-runs forwards of that evaluated model
+on the evaluation's first images, one image per forward, timed after all evaluations in one
+interleaved loop over every point (machine drifts hit all points alike);
+``backbone_ms_in_eval`` is the median of the backbone's forwards inside the evaluation, which
+shares the CPU with the data loader and the evaluator. β is the evaluation's measured mean
+(routing/beta) for DGE models and the FLOPs ratio of the input size for the vanilla model;
+sizes that several β match are evaluated once (``beta_targets`` lists them). Trailing KEY VALUE pairs
 override every run's config (e.g. MODEL.DEVICE cpu).
 
 Writes to --output: ``budget_curves.json`` (every point) and ``budget_curves.png``.
 """
 import argparse
+import itertools
 import json
 import logging
 import os
 import re
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.data import transforms as T
@@ -42,7 +48,7 @@ from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401  (registers models and datasets)
 from dge.analysis.calibration import block_flops
-from dge.analysis.latency import ForwardTimer
+from dge.analysis.latency import ForwardTimer, timed_interleaved
 from dge.analysis.plots import plot_budget_curves
 from dge.config import load_config
 from dge.data import check_datasets
@@ -55,6 +61,7 @@ logger = logging.getLogger("dge.budget_curves")
 METRICS = ("bbox/AP", "segm/AP", "sem_seg/mIoU")  # plotted
 EXTRA_METRICS = ("bbox/AP50", "segm/AP50")  # in the JSON only
 WARMUP_FORWARDS = 2  # backbone forwards of each evaluation left out of its latency
+LATENCY_IMAGES = 16  # evaluation images each point's backbone is timed on after the evaluations
 FAMILIES = {
     "recalibrated": "one model, inference budgets",
     "trained": "trained at γ",
@@ -71,6 +78,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vanilla", metavar="RUN", help="the vanilla model, evaluated on smaller inputs (c)")
     parser.add_argument("--dataset", help="the evaluation dataset (default: each run's DATASETS.TEST[0])")
     parser.add_argument("--output", default="output/budget_curves", help="folder for the JSON and the PNG")
+    parser.add_argument("--latency-runs", type=int, default=48,
+                        help="timed backbone forwards per point, interleaved over all points")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run, KEY VALUE pairs")
     return parser
 
@@ -93,23 +102,32 @@ def run_config(spec: str, opts: Sequence[str], **overrides):
     return cfg
 
 
-def evaluate(cfg, dataset: str, output_folder: str) -> Dict[str, float]:
+def evaluate(cfg, dataset: str, output_folder: str) -> Tuple[Dict[str, float], Callable[[], None]]:
     """One evaluation of ``dataset``: its metrics, the measured β (DGE models) and the median
-    backbone ms per image."""
+    backbone ms per image inside it; and a function that runs the evaluated backbone on the
+    next of the evaluation's first LATENCY_IMAGES inputs (for the interleaved timing)."""
     model = build_model(cfg)
     AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     model.eval()
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     with ForwardTimer(model.backbone, sync, skip=WARMUP_FORWARDS) as timer:
         results = inference_on_dataset(model, build_test_loader(cfg, dataset), build_evaluator(cfg, dataset, output_folder))
-    point = {"backbone_ms": round(timer.median(), 2)}
+    point = {"backbone_ms_in_eval": round(timer.median(), 2)}
     for metric in METRICS + EXTRA_METRICS:
         task, key = metric.split("/")
         if key in results.get(task, {}):
             point[metric] = round(float(results[task][key]), 3)
     if "beta" in results.get("routing", {}):
         point["beta"] = round(float(results["routing"]["beta"]), 4)
-    return point
+    with torch.no_grad():
+        inputs = [model.preprocess_image(batch).tensor for _, batch in zip(range(LATENCY_IMAGES), build_test_loader(cfg, dataset))]
+    turn = itertools.count()
+
+    @torch.no_grad()
+    def forward() -> None:
+        model.backbone(inputs[next(turn) % len(inputs)])
+
+    return point, forward
 
 
 def padded_size(cfg, height: int, width: int, size_divisibility: int) -> Tuple[int, int]:
@@ -176,15 +194,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
     if not (args.recalibrated or args.trained or args.vanilla):
         raise ValueError("nothing to evaluate: give --recalibrated, --trained and / or --vanilla")
     betas = [check_budget(b, "--betas") for b in args.betas]
+    if args.latency_runs < 1:
+        raise ValueError(f"--latency-runs {args.latency_runs}: give at least 1")
     os.makedirs(args.output, exist_ok=True)
     points: Dict[str, List[Dict]] = {k: [] for k in FAMILIES}
+    forwards: Dict[Tuple[str, int], Callable[[], None]] = {}
 
     def measure(family: str, label: str, cfg) -> None:
         dataset = args.dataset or cfg.DATASETS.TEST[0]
         check_datasets([dataset])
         folder = os.path.join(args.output, "eval", f"{family}_{label}")
-        point = dict(label=label, weights=cfg.MODEL.WEIGHTS, min_size_test=cfg.INPUT.MIN_SIZE_TEST,
-                     **evaluate(cfg, dataset, folder))
+        metrics, forwards[family, len(points[family])] = evaluate(cfg, dataset, folder)
+        point = dict(label=label, weights=cfg.MODEL.WEIGHTS, min_size_test=cfg.INPUT.MIN_SIZE_TEST, **metrics)
         points[family].append(point)
         logger.info(f"{FAMILIES[family]} {label}: {point}")
 
@@ -200,9 +221,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         cfg = run_config(args.vanilla, args.opts)
         if cfg.MODEL.DGE.ENABLED:
             raise ValueError(f"--vanilla {args.vanilla}: MODEL.DGE.ENABLED is True; give the vanilla model")
+        matched: Dict[int, Tuple[float, List[float]]] = {}
         for beta, size, ratio in matched_sizes(cfg, args.dataset or cfg.DATASETS.TEST[0], betas):
+            matched.setdefault(size, (ratio, []))[1].append(beta)
+        for size, (ratio, targets) in matched.items():
             measure("resized", f"{size}px", scaled_test_size(cfg, size))
-            points["resized"][-1].update(beta=round(ratio, 4), beta_target=beta)
+            points["resized"][-1].update(beta=round(ratio, 4), beta_targets=targets)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    logger.info(f"timing {len(forwards)} backbones, {args.latency_runs} forwards each, interleaved")
+    for (family, i), samples in timed_interleaved(forwards, runs=args.latency_runs, warmup=WARMUP_FORWARDS, sync=sync).items():
+        points[family][i]["backbone_ms"] = round(float(np.median(samples)), 2)
     result = {k: v for k, v in points.items() if v}
     with open(os.path.join(args.output, "budget_curves.json"), "w") as f:
         json.dump(result, f, indent=1)
