@@ -43,6 +43,7 @@ from dge.analysis.latency import (
     RUNTIMES,
     build_models,
     case_functions,
+    device_sync,
     largest_difference,
     normalise,
     photos,
@@ -111,7 +112,7 @@ def main(argv=None):
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DGE.ENABLED = True
     device = torch.device(cfg.MODEL.DEVICE)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     if args.memory_case:
         return memory_case(args, cfg, device)
     models, trained = build_models(cfg)

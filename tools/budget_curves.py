@@ -48,7 +48,7 @@ from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401  (registers models and datasets)
 from dge.analysis.calibration import block_flops
-from dge.analysis.latency import ForwardTimer, timed_interleaved
+from dge.analysis.latency import ForwardTimer, device_sync, timed_interleaved
 from dge.analysis.plots import plot_budget_curves
 from dge.config import load_config
 from dge.data import check_datasets
@@ -109,7 +109,7 @@ def evaluate(cfg, dataset: str, output_folder: str) -> Tuple[Dict[str, float], C
     model = build_model(cfg)
     AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
     model.eval()
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    sync = device_sync(model.device)
     with ForwardTimer(model.backbone, sync, skip=WARMUP_FORWARDS) as timer:
         results = inference_on_dataset(model, build_test_loader(cfg, dataset), build_evaluator(cfg, dataset, output_folder))
     point = {"backbone_ms_in_eval": round(timer.median(), 2)}
@@ -121,11 +121,12 @@ def evaluate(cfg, dataset: str, output_folder: str) -> Tuple[Dict[str, float], C
         point["beta"] = round(float(results["routing"]["beta"]), 4)
     with torch.no_grad():
         inputs = [model.preprocess_image(batch).tensor for _, batch in zip(range(LATENCY_IMAGES), build_test_loader(cfg, dataset))]
-    turn = itertools.count()
+    backbone, turn = model.backbone, itertools.count()  # the heads are not kept for the timing
 
     @torch.no_grad()
-    def forward() -> None:
-        model.backbone(inputs[next(turn) % len(inputs)])
+    def forward() -> None:  # waits for its device, so the interleaved timing needs no sync of its own
+        backbone(inputs[next(turn) % len(inputs)])
+        sync()
 
     return point, forward
 
@@ -227,9 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
         for size, (ratio, targets) in matched.items():
             measure("resized", f"{size}px", scaled_test_size(cfg, size))
             points["resized"][-1].update(beta=round(ratio, 4), beta_targets=targets)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     logger.info(f"timing {len(forwards)} backbones, {args.latency_runs} forwards each, interleaved")
-    for (family, i), samples in timed_interleaved(forwards, runs=args.latency_runs, warmup=WARMUP_FORWARDS, sync=sync).items():
+    for (family, i), samples in timed_interleaved(forwards, runs=args.latency_runs, warmup=WARMUP_FORWARDS).items():
         points[family][i]["backbone_ms"] = round(float(np.median(samples)), 2)
     result = {k: v for k, v in points.items() if v}
     with open(os.path.join(args.output, "budget_curves.json"), "w") as f:

@@ -26,6 +26,7 @@ __all__ = [
     "backbone_runner",
     "build_models",
     "case_functions",
+    "device_sync",
     "largest_difference",
     "normalise",
     "photos",
@@ -49,6 +50,12 @@ def photos(batch: int, hw, device) -> torch.Tensor:
 
 def normalise(model, images: torch.Tensor) -> torch.Tensor:
     return (images - model.pixel_mean.view(1, -1, 1, 1)) / model.pixel_std.view(1, -1, 1, 1)
+
+
+def device_sync(device) -> Callable[[], None]:
+    """A function that waits for ``device``'s queued work: ``torch.cuda.synchronize`` on a GPU,
+    nothing on the CPU."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
 def timed_interleaved(
