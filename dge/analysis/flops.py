@@ -161,7 +161,7 @@ def outside_dge_flops(model: nn.Module, input_size: Tuple[int, int, int]) -> Tup
         image = torch.zeros((1,) + tuple(input_size), device=device)
         analysis = FlopCountAnalysis(model, image).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         outside = analysis.total() - sum(analysis.total(FlopCountAnalysis.traced_name(n)) for n in blocks)
-        static = outside + (complexity_report(model).static_flops.sum().item() if blocks else 0.0)
+        static = outside + (float(sum(complexity_report(model).static)) if blocks else 0.0)
     finally:
         model.train(was_training)
     return float(outside), float(static)
@@ -259,7 +259,7 @@ def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> 
                     counted=float(dynamic.total(t(block_name))),
                     counted_static=float(vanilla.total(t(block_name))),
                     analytic=float(report.dynamic_flops[i, 0]),
-                    analytic_static=float(report.static_flops[i]),
+                    analytic_static=float(report.static[i]),
                 )
             )
     dyn_groups, static_groups = _group_totals(dynamic, model), _group_totals(vanilla, model)

@@ -1,11 +1,11 @@
 """Attention kinds of the vanilla encoder blocks, each attending from (sparse) queries to a
 dense context: ``attn(queries [B, M, C], context [B, E+H*W, C], hw, query_centers [B, M, 2],
 rows=None)``. With ``rows`` (a ``dge.layers.grained.QueryRows``) the queries of the B images
-are packed rows [1, T, C] (centres [1, T, 2]); only the per-image part is padded: global /
-SR attention per segment of one image's rows (with that image's keys), deformable sampling
-per image (its small sampling grid only). On a CUDA GPU in half precision global / SR
-attention takes the packed rows as they are (``varlen_attn``, no padding at all).
-Positions (query centres, sampling locations) are float32 in any activation dtype.
+are packed rows [1, T, C] (centres [1, T, 2]). Global / SR attention pads only per segment of
+one image's rows (with that image's keys); on a CUDA GPU in half precision it takes the packed
+rows as they are (``varlen_attn``, no padding at all). Deformable sampling reads every image's
+value map at once, the maps side by side: no padding either. Positions (query centres,
+sampling locations) are float32 in any activation dtype.
 
 * ``SpatialReductionAttention``: PVT's attention (keys/values from an R×R strided conv of
   the context); ``sr_ratio=1`` is plain global attention (ViT / DeiT).
@@ -14,20 +14,29 @@ Positions (query centres, sampling locations) are float32 in any activation dtyp
 
 Each reports its cost as ``complexity(hw, num_extra) -> (fixed, per_query)`` multiply-adds:
 the context side (keys, values) is fixed, the query side grows with the number of queries.
+
+Kernels on a CUDA GPU: a DGE block's query count changes with every image and every training
+step. Attention runs on flash / memory-efficient kernels, which take any sequence length as
+it comes; cuDNN's attention (which torch >= 2.14 prefers on sm90 / sm100) builds and caches an
+execution plan per exact shape, so it is used only when ``DGE_CUDNN_ATTENTION=1`` is set.
 """
+import contextlib
 import functools
+import logging
 import math
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .grained import QueryRows
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch: segment padding everywhere
+except ImportError:  # older torch: segment padding everywhere (logged once, on a GPU)
     varlen_attn = None
 
 __all__ = [
@@ -36,10 +45,16 @@ __all__ = [
     "scale_grad",
     "inference_tiles",
     "packed_attention_available",
+    "cudnn_attention_allowed",
+    "sdpa",
+    "sdpa_kernels",
+    "packed_attention",
+    "attention_backends",
 ]
 
-
+logger = logging.getLogger(__name__)
 TILE_ELEMENTS = 1 << 20  # values per inference tile (4 MB in float32): fits the caches
+CUDNN_ATTENTION_ENV = "DGE_CUDNN_ATTENTION"  # "1": let SDPA and varlen_attn choose cuDNN
 
 
 def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device: torch.device) -> int:
@@ -57,24 +72,93 @@ def inference_tiles(module: nn.Module, rows: int, elements_per_row: int, device:
     return tile if rows > 2 * tile else 0
 
 
+def cudnn_attention_allowed() -> bool:
+    """Whether DGE's attention may run on cuDNN (``DGE_CUDNN_ATTENTION=1``): one execution
+    plan per query count, built on first use and kept, so only for fixed-size workloads."""
+    return os.environ.get(CUDNN_ATTENTION_ENV, "0") == "1"
+
+
+def sdpa_kernels(device: torch.device):
+    """The context in which DGE calls SDPA on ``device``: on CUDA the enabled backends but
+    cuDNN (flash first, then memory-efficient, math as the last resort) unless allowed;
+    elsewhere torch's own choice."""
+    if device.type != "cuda" or cudnn_attention_allowed() or not torch.backends.cuda.cudnn_sdp_enabled():
+        return contextlib.nullcontext()
+    enabled = [
+        (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+        (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+        (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled()),
+    ]
+    return sdpa_kernel([backend for backend, on in enabled if on])
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on [B, heads, M, d] queries in ``sdpa_kernels``."""
+    with sdpa_kernels(q.device):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+
+
 @functools.lru_cache(maxsize=None)
 def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash attention: Ampere and newer
+
+
+@functools.lru_cache(maxsize=1)
+def _log_no_varlen() -> None:
+    logger.info(
+        "torch %s has no torch.nn.attention.varlen (torch >= 2.10): packed query rows are padded "
+        "per segment for scaled_dot_product_attention on the GPU",
+        torch.__version__,
+    )
 
 
 def packed_attention_available(q: torch.Tensor, head_dim: int, dropout: float) -> bool:
     """Whether attention over packed rows runs as ``varlen_attn`` (flash attention over
     variable-length sequences, torch >= 2.10): a CUDA device of compute capability 8.0 or
     newer, float16 / bfloat16 queries (e.g. under autocast), a head size that is a multiple
-    of 8 up to 256, no attention dropout, and eager execution (``max_q`` is a host int).
-    Elsewhere the rows are padded per segment (``QueryRows.segments``) for SDPA."""
-    if varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    of 8 up to 256, no attention dropout, and eager execution. Elsewhere the rows are padded
+    per segment (``QueryRows.segments``) for SDPA."""
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if head_dim % 8 or head_dim > 256 or dropout > 0.0:
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
+    if varlen_attn is None:
+        _log_no_varlen()
+        return False
     return _flash_capable(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: QueryRows) -> torch.Tensor:
+    """Packed rows q [T, heads, d] of B images against each image's keys k, v [B, heads, Nk, d]
+    in one flash-attention call over variable-length sequences: no padding, no mask, no host
+    read (``max_q`` is the bound ``rows.max_rows``). A window of Nk keys on each side covers
+    every key: flash attention treats it as full attention, and torch's ``varlen_attn`` then
+    never takes its cuDNN route (a plan per shape); (-1, -1), torch's default, when cuDNN is
+    allowed."""
+    b, heads, nk, d = k.shape
+    k, v = (t.transpose(1, 2).reshape(b * nk, heads, d) for t in (k, v))
+    cu_q = torch.cat([rows.counts.new_zeros(1), torch.cumsum(rows.counts, 0)]).to(torch.int32)
+    cu_k = torch.arange(0, (b + 1) * nk, nk, device=k.device, dtype=torch.int32)
+    window = (-1, -1) if cudnn_attention_allowed() else (nk, nk)
+    return varlen_attn(q, k, v, cu_q, cu_k, rows.max_rows, nk, window_size=window)
+
+
+def attention_backends(device: torch.device, head_dim: int = 64, length: int = 1000) -> Dict[str, str]:
+    """The kernels DGE's attention takes on ``device`` for a [1, 1, length, head_dim] SDPA call
+    in float32, float16 and bfloat16, and for packed rows in half precision."""
+    device = torch.device(device)
+    found = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        q = torch.zeros(1, 1, length, head_dim, device=device, dtype=dtype)
+        with sdpa_kernels(device):
+            choice = SDPBackend(torch._fused_sdp_choice(q, q, q)).name if device.type == "cuda" else "cpu kernel"
+        found[f"sdpa {str(dtype).replace('torch.', '')}"] = choice
+    packed = packed_attention_available(q[0].half(), head_dim, 0.0)
+    route = "torch's choice" if cudnn_attention_allowed() else "flash"
+    found["packed rows fp16/bf16"] = f"varlen_attn, {route}" if packed else "padded segments, sdpa"
+    return found
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -159,10 +243,11 @@ class SpatialReductionAttention(MultiHeadBase):
         shape = queries.shape
         k, v = self.keys_values(context, hw)
         q = self.q(queries)
-        segments = None
         drop = self.attn_drop if self.training else 0.0
         if rows is not None and packed_attention_available(q, self.head_dim, drop):
-            return self.proj_drop(self.proj(self._varlen(q, k, v, rows).view(shape)))
+            x = packed_attention(q.view(-1, self.num_heads, self.head_dim), k, v, rows)
+            return self.proj_drop(self.proj(x.view(shape)))
+        segments = None
         if rows is not None:  # pad per segment of one image's rows; each gets its image's keys
             segments, images = rows.segments()
             q = segments.pad(q.view(-1, self.dim))
@@ -170,21 +255,10 @@ class SpatialReductionAttention(MultiHeadBase):
                 k, v = k.index_select(0, images), v.index_select(0, images)
         b, m, c = q.shape
         q = q.view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        x = x.transpose(1, 2).reshape(b, m, c)
+        x = sdpa(q, k, v, drop).transpose(1, 2).reshape(b, m, c)
         if segments is not None:
             x = segments.unpad(x).view(shape)
         return self.proj_drop(self.proj(x))
-
-    def _varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: QueryRows) -> torch.Tensor:
-        """Packed rows q [1, T, C] of B images against each image's keys k, v [B, heads, Nk, d]
-        in one flash-attention call over variable-length sequences: no padding, no mask."""
-        b, heads, nk, d = k.shape
-        k, v = (t.transpose(1, 2).reshape(b * nk, heads, d) for t in (k, v))
-        cu_q = torch.cat([rows.counts.new_zeros(1), torch.cumsum(rows.counts, 0)]).to(torch.int32)
-        cu_k = torch.arange(0, (b + 1) * nk, nk, device=k.device, dtype=torch.int32)
-        x = varlen_attn(q.reshape(-1, heads, d), k, v, cu_q, cu_k, rows.max_rows, nk)
-        return x.reshape(1, -1, self.dim)
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         c = self.dim
@@ -254,45 +328,71 @@ class DeformableAttention(MultiHeadBase):
         if query_centers is None:
             raise ValueError("DeformableAttention needs query_centers [B, M, 2]")
         shape = queries.shape
-        h, w = hw
-        heads, points, d = self.num_heads, self.num_points, self.head_dim
+        heads, points = self.num_heads, self.num_points
         b = context.shape[0]
-        spatial = context[:, context.shape[1] - h * w:]
-        value = self.v(spatial).view(b, h, w, heads, d).permute(0, 3, 4, 1, 2).reshape(b * heads, d, h, w)
+        value = self._value_maps(context, hw)  # [heads, d, H, width]: the B maps side by side
         # Positions stay (at least) float32 in any activation dtype: bfloat16 is 2 tokens apart at 320.
         position = torch.promote_types(value.dtype, torch.float32)
-        offsets = self.offsets(queries).view(*shape[:2], heads, points, 2).to(position)  # (x, y) in tokens
-        weights = self.attn_drop(self.attn_weight(queries).view(*shape[:2], heads, points).softmax(dim=-1))
-        center_xy = query_centers.to(position).flip(-1)[:, :, None, None, :]
+        flat = queries.reshape(-1, self.dim)  # one row per query: B·M, or T packed rows
+        offsets = self.offsets(flat).view(-1, heads, points, 2).to(position)  # (x, y) in tokens
+        weights = self.attn_drop(self.attn_weight(flat).view(-1, heads, points).softmax(dim=-1))
+        center_xy = query_centers.reshape(-1, 2).to(position).flip(-1)[:, None, None, :]
         loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
-        # Sampling locations in [-1, 1] (grid_sample, align_corners=False): 2 * xy / wh - 1.
-        grid = loc * loc.new_tensor([2.0 / w, 2.0 / h]) - 1.0
+        images = None if b == 1 else (rows.image_index if rows is not None else self._images(b, shape[1], flat))
+        grid = self._grid(loc, images, hw, b)
+        out_dtype = None
         if value.dtype != position:  # half precision: sample in float32 (weights too), return in value's dtype
             value, weights, out_dtype = value.to(position), weights.to(position), value.dtype
-        else:
-            out_dtype = None
-        if rows is not None:  # each image samples its own map: pad the (small) grid, not the queries
-            grid, weights = rows.pad(grid.flatten(0, 1)), rows.pad(weights.flatten(0, 1))
-        m = grid.shape[1]
-        grid = grid.permute(0, 2, 1, 3, 4).reshape(b * heads, m, points, 2)
-        weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, m, points)
-        x = self._sample(value, grid, weights).view(b, heads * d, m).transpose(1, 2)
+        x = self._sample(value, grid, weights.permute(1, 0, 2).unsqueeze(1))  # [heads, d, rows]
+        x = x.permute(2, 0, 1).reshape(shape)
         if out_dtype is not None:
             x = x.to(out_dtype)
-        if rows is not None:
-            x = rows.unpad(x)
-        return self.proj_drop(self.proj(x.reshape(shape)))
+        return self.proj_drop(self.proj(x))
+
+    def _value_maps(self, context: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """The values of the B images' spatial tokens as one map [heads, d, H, width], a
+        channels-last view (bilinear taps read d adjacent values): for B > 1 the maps side by
+        side, each followed by GAP zero columns (width = B(W + GAP)), so that one
+        ``grid_sample`` serves every image without padding any image's queries."""
+        h, w = hw
+        b = context.shape[0]
+        value = self.v(context[:, context.shape[1] - h * w:]).view(b, h, w, self.num_heads, self.head_dim)
+        if b == 1:
+            return value[0].permute(2, 3, 0, 1)
+        value = F.pad(value.permute(3, 1, 0, 2, 4), (0, 0, 0, self.GAP))  # [heads, H, B, W + GAP, d]
+        return value.reshape(self.num_heads, h, b * (w + self.GAP), self.head_dim).permute(0, 3, 1, 2)
+
+    GAP = 2  # zero columns after each image's map: sampling beyond its border reads zeros
+
+    @staticmethod
+    def _images(b: int, m: int, like: torch.Tensor) -> torch.Tensor:
+        """[B·M] long: the image of each query row of a [B, M] batch."""
+        return torch.arange(b, device=like.device).repeat_interleave(m)
+
+    def _grid(self, loc: torch.Tensor, images: Optional[torch.Tensor], hw: Tuple[int, int], b: int) -> torch.Tensor:
+        """Sampling locations loc [rows, heads, P, 2] (x, y) in tokens of each row's image ->
+        grid [heads, rows, P, 2] in [-1, 1] of the side-by-side map (``grid_sample``,
+        align_corners=False: 2 · xy / wh - 1). Beyond an image's left / right border x is
+        clamped to 1 token outside it, where both bilinear taps are zero columns: the value
+        and the gradient are 0 there as with zero padding, and no tap reaches another image."""
+        h, w = hw
+        x, y = loc.unbind(-1)
+        width = w
+        if images is not None:
+            x = x.clamp(-1.0, w + 1.0) + (images * (w + self.GAP)).to(x.dtype)[:, None, None]
+            width = b * (w + self.GAP)
+        return torch.stack([x * (2.0 / width) - 1.0, y * (2.0 / h) - 1.0], dim=-1).transpose(0, 1)
 
     def _sample(self, value: torch.Tensor, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_p weights · bilinear(value, grid): value [B*heads, d, H, W], grid [B*heads, M, P, 2],
-        weights [B*heads, 1, M, P] -> [B*heads, d, M]. At inference in tiles of queries (the
-        [B*heads, d, M, P] samples of a PVT-S stage-1 map are 66 MB; a tile's are 4 MB)."""
-        bh, d, m, points = value.shape[0], value.shape[1], grid.shape[1], grid.shape[2]
-        tile = inference_tiles(self, m, bh * d * points, value.device)
+        """Σ_p weights · bilinear(value, grid): value [heads, d, H, W], grid [heads, M, P, 2],
+        weights [heads, 1, M, P] -> [heads, d, M]. At inference in tiles of queries (the
+        [heads, d, M, P] samples of a PVT-S stage-1 map are 66 MB; a tile's are 4 MB)."""
+        heads, d, m, points = value.shape[0], value.shape[1], grid.shape[1], grid.shape[2]
+        tile = inference_tiles(self, m, heads * d * points, value.device)
         if not tile:
             sampled = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             return (sampled * weights).sum(dim=-1)
-        out = value.new_empty(bh, d, m)
+        out = value.new_empty(heads, d, m)
         for start in range(0, m, tile):  # tiles of queries, not regions or images
             part = F.grid_sample(
                 value, grid[:, start : start + tile], mode="bilinear", padding_mode="zeros", align_corners=False

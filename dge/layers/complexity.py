@@ -3,7 +3,7 @@ and a fixed routing for all of them (``force_granularity``)."""
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -45,17 +45,31 @@ class ComplexityReport:
     Attributes:
         beta: [B] Σ_l dynamic_l / Σ_l static_l per image; in training its gradient is the
             straight-through one of Eq. 7.
-        layer_beta: [L, B] dynamic_l / static_l per DGE block.
         dynamic_flops: [L, B] multiply-adds of each DGE block per image (router included).
-        static_flops: [L] multiply-adds of the same blocks in the vanilla model.
+        static: [L] multiply-adds of the same blocks in the vanilla model (host numbers: the
+            report copies nothing from the host to the device unless ``static_flops`` or
+            ``layer_beta`` is read).
         names: [L] module names (when built from a model), else indices.
     """
 
     beta: torch.Tensor
-    layer_beta: torch.Tensor
     dynamic_flops: torch.Tensor
-    static_flops: torch.Tensor
+    static: List[float]
     names: List[str]
+
+    @property
+    def static_flops(self) -> torch.Tensor:
+        """[L] ``static`` as a tensor beside ``dynamic_flops``."""
+        return self.dynamic_flops.new_tensor(self.static)
+
+    @property
+    def layer_beta(self) -> torch.Tensor:
+        """[L, B] dynamic_l / static_l per DGE block."""
+        return self.dynamic_flops / self.static_flops[:, None]
+
+    def group_beta(self, rows: Sequence[int]) -> torch.Tensor:
+        """[B] β of the DGE blocks ``rows`` (e.g. one stage's)."""
+        return self.dynamic_flops[list(rows)].sum(0) / sum(self.static[i] for i in rows)
 
 
 def complexity_report(model_or_blocks: Union[nn.Module, Iterable[DynamicGrainedEncoder]]) -> ComplexityReport:
@@ -71,13 +85,11 @@ def complexity_report(model_or_blocks: Union[nn.Module, Iterable[DynamicGrainedE
     if missing:
         raise RuntimeError(f"DGE blocks {missing[:3]} have not run a forward yet")
     dynamic = torch.stack([m.last_routing.dynamic_flops() for _, m in named])
-    static = dynamic.new_tensor([m.last_routing.static_flops() for _, m in named])
-    beta = dynamic.sum(dim=0) / static.sum()  # Eq. 7
+    static = [m.last_routing.static_flops() for _, m in named]
     return ComplexityReport(
-        beta=beta,
-        layer_beta=dynamic / static[:, None],
+        beta=dynamic.sum(dim=0) / sum(static),  # Eq. 7
         dynamic_flops=dynamic,
-        static_flops=static,
+        static=static,
         names=[n for n, _ in named],
     )
 
@@ -92,8 +104,7 @@ def routing_stats(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     report = complexity_report(model)
     stats = OrderedDict(beta=report.beta)
     for k, layers in enumerate(stages.values(), start=1):
-        rows = [i for i, _, _ in layers]
-        stats[f"beta_stage{k}"] = report.dynamic_flops[rows].sum(0) / report.static_flops[rows].sum()
+        stats[f"beta_stage{k}"] = report.group_beta([i for i, _, _ in layers])
     named = [m for layers in stages.values() for _, _, m in layers]
     maps = [m.last_routing.granularity_map.flatten(1) for m in named]
     all_maps = torch.cat(maps, dim=1)

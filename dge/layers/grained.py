@@ -17,7 +17,8 @@ once per feature-map size and cached. ``pack_queries`` / ``gather_queries`` /
 many queries each image keeps) comes from the shape of one ``nonzero`` over the selected
 slots, never from a value the host reads. So the same code runs eagerly, under
 ``torch.jit.trace`` and under ``torch.export`` (the query count is a dynamic size there),
-and at batch 1 that ``nonzero`` is the only value a block waits for from the device. The
+and that ``nonzero`` is the only value a block waits for from the device, at any batch
+size (padding sizes are bounds computed from the total, not the per-image counts). The
 queries of a batch are packed row after row (``QueryRows``): images with fewer queries do
 less work, also in a batch (only attention pads, per short segment of one image's rows).
 """
@@ -200,8 +201,8 @@ class PatchPooler:
         return self._means[size]
 
 
-# Attention on packed rows of images with different query counts pads per segment of at
-# least MIN_SEGMENT_ROWS and at most ceil(M / SEGMENTS_PER_IMAGE) rows (see QueryRows.segments).
+# Attention on packed rows of images with different query counts pads per segment of
+# L = max(MIN_SEGMENT_ROWS, ceil(T / (B · SEGMENTS_PER_IMAGE))) rows (see QueryRows.segments).
 SEGMENTS_PER_IMAGE = 8
 MIN_SEGMENT_ROWS = 256
 
@@ -216,51 +217,31 @@ def _starts(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def _segment_length(max_rows):
-    """L = max(MIN_SEGMENT_ROWS, ceil(M / SEGMENTS_PER_IMAGE)), for an int or a tensor M."""
-    length = (max_rows + SEGMENTS_PER_IMAGE - 1) // SEGMENTS_PER_IMAGE
-    return torch.clamp(length, min=MIN_SEGMENT_ROWS) if isinstance(length, torch.Tensor) else max(MIN_SEGMENT_ROWS, length)
-
-
 class QueryRows:
     """Where the rows of a packed query tensor sit in an image batch.
 
     A DGE block packs the queries of B images one image after the other into one
     [1, T, C] tensor, T = Σ_b M_b: every row-wise part of a block (norms, projections,
     MLP) runs on the T rows, with no padding. A part that needs the image batch (attention
-    to the image's keys) pads the rows to [B, M, ...] (M = max_b M_b, padding rows zero)
-    with ``pad``, or to shorter ``segments``, and packs the result back with ``unpad``.
-    When every image has M rows the two are views (no copy).
+    to the image's keys) pads the rows to [B, M, ...] (padding rows zero) with ``pad``, or
+    to shorter ``segments``, and packs the result back with ``unpad``. Every size here is
+    known on the host without reading ``counts`` (a device sync on a GPU): M is an upper
+    bound of the images' row counts, not their maximum.
 
     Args:
         counts: [B] long, rows of each image.
-        max_rows: M; None reads it from ``counts`` when first needed (one device sync,
-            shared with the segment count; one image needs none: M = T).
+        max_rows: M ≥ max_b M_b, a bound known on the host (one image: T).
         total: T.
     """
 
-    def __init__(self, counts: torch.Tensor, max_rows: Optional[int], total: int):
+    def __init__(self, counts: torch.Tensor, max_rows: int, total: int):
         self.counts = counts
         self.total = total
-        self._max_rows = total if max_rows is None and counts.shape[0] == 1 else max_rows
+        self.max_rows = total if counts.shape[0] == 1 else max_rows
 
     @property
     def batch(self) -> int:
         return self.counts.shape[0]
-
-    @functools.cached_property
-    def _limits(self) -> Tuple[int, int]:
-        """(M, number of segments of ``segments``), read from the device in one sync."""
-        m = self.counts.max() if self._max_rows is None else self.counts.new_tensor(self._max_rows)
-        length = _segment_length(m)
-        num_segments = ((self.counts + length - 1) // length).sum()
-        m, num_segments = torch.stack([m, num_segments]).tolist()
-        return int(m), int(num_segments)
-
-    @property
-    def max_rows(self) -> int:
-        """M = max_b M_b."""
-        return self._max_rows if self._max_rows is not None else self._limits[0]
 
     @functools.cached_property
     def starts(self) -> torch.Tensor:
@@ -276,29 +257,35 @@ class QueryRows:
     def padded_index(self) -> Optional[torch.Tensor]:
         """[T] long: the row of each packed row in the flat padded [B*M] batch; None when
         there is no padding (the packed rows already are that batch)."""
-        if self.batch == 1 or self.total == self.batch * self.max_rows:
+        if self.total == self.batch * self.max_rows:  # every image has M rows (M ≥ each count)
             return None
         image = self.image_index
         return torch.arange(self.total, device=image.device) + (image * self.max_rows - self.starts[image])
 
+    def segment_length(self) -> int:
+        """L = max(MIN_SEGMENT_ROWS, ceil(T / (B · SEGMENTS_PER_IMAGE))): about an eighth of an
+        image's mean row count, from host sizes only."""
+        per_image = -(-self.total // self.batch)
+        return max(MIN_SEGMENT_ROWS, -(-per_image // SEGMENTS_PER_IMAGE))
+
     def segments(self):
         """The rows cut into segments that each belong to one image, for attention that pads:
         -> (QueryRows whose "images" are the segments, [S] long image of each segment), or
-        (self, None) when each image is one segment. Segments have L = max(MIN_SEGMENT_ROWS,
-        ceil(M / SEGMENTS_PER_IMAGE)) rows (an image's last one may be shorter), so an image
+        (self, None) when the images are padded whole (no padding at all, or M ≤ L). An image
+        of M_b rows has ceil(M_b / L) segments of L rows (its last one may be shorter), so it
         pads fewer than L rows instead of up to M; each segment needs its image's keys (a
-        copy of them)."""
-        if self.padded_index is None:
-            return self, None
-        length = _segment_length(self.max_rows)
-        if length >= self.max_rows:  # one segment per image: the images' own keys
+        copy of them). S = floor((T + B(L - 1)) / L) bounds Σ_b ceil(M_b / L) from host sizes:
+        up to B - 1 trailing segments have no rows (all padding, dropped by ``unpad``)."""
+        length = self.segment_length()
+        if self.padded_index is None or length >= self.max_rows:
             return self, None
         per_image = (self.counts + length - 1) // length
-        num_segments = self._limits[1]
-        images = _owners(per_image, num_segments)
-        first = _starts(per_image)  # first segment of each image
-        done = (torch.arange(num_segments, device=images.device) - first[images]) * length
-        counts = torch.clamp(self.counts[images] - done, max=length)
+        num_segments = (self.total + self.batch * (length - 1)) // length
+        position = torch.arange(num_segments, device=self.counts.device)
+        last = torch.cumsum(per_image, 0)
+        images = torch.searchsorted(last, position, right=True).clamp_(max=self.batch - 1)
+        done = (position - (last - per_image)[images]) * length  # rows of the image in earlier segments
+        counts = torch.clamp(self.counts[images] - done, min=0, max=length)
         return QueryRows(counts, length, self.total), images
 
     def pad(self, rows: torch.Tensor) -> torch.Tensor:
@@ -356,7 +343,8 @@ class QueryPacking:
 
 
 def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
-    """Index plan for a batch, as a tensor program (its one host sync is the ``nonzero``).
+    """Index plan for a batch, as a tensor program: its one host sync is the ``nonzero``, at
+    any batch size.
 
     Args:
         choice: [B, R] long, index into Φ of the granularity chosen for each region.
@@ -371,10 +359,12 @@ def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
     # Bounds of T for graph captures (torch.export): every image keeps its extra tokens and,
     # unless Φ has 0, at least one query per region; at most one per token.
     total = selected.shape[0]
+    least = layout.num_extra + (layout.num_regions if layout.skip_choice is None else 0)
     if not torch.jit.is_tracing():  # (a trace may hold sizes as tensors)
-        least = layout.num_extra + (layout.num_regions if layout.skip_choice is None else 0)
         torch._check(total >= b * least)
         torch._check(total <= b * (layout.num_extra + n))
+    # M, a bound of each image's row count known without reading the counts (one image: T).
+    max_rows = total if b == 1 else min(layout.num_extra + n, total - (b - 1) * least)
     flat = chosen.view(-1).long()
     row_of_slot = torch.cumsum(flat, 0) - flat  # packed row of each selected slot (in 0..T)
     counts = chosen.sum(dim=1)
@@ -389,7 +379,7 @@ def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
     return QueryPacking(
         layout=layout,
         selected=selected,
-        rows=QueryRows(counts, None, total),
+        rows=QueryRows(counts, max_rows, total),
         row_of_slot=row_of_slot,
         token_rows=token_rows,
         num_queries=counts - layout.num_extra,
