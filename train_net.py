@@ -28,6 +28,7 @@ from dge.data.loader import build_resumable_train_loader, build_test_loader, val
 from dge.data.augmentation import build_sem_seg_train_augmentation
 from dge.engine import (
     AtomicCheckpointer,
+    RoutingStatsWriter,
     StepSeeds,
     WholeLinesJSONWriter,
     build_evaluator,
@@ -58,7 +59,7 @@ class Trainer(DefaultTrainer):
             allow_partial=self.cfg.MODEL.ALLOW_PARTIAL_WEIGHTS,
             trainer=weakref.proxy(self),
         )
-        return [StepSeeds()] + super().build_hooks()
+        return [StepSeeds(), RoutingStatsWriter()] + super().build_hooks()
 
     def build_writers(self):
         # metrics.json through a writer that never leaves a half-written line (disk full).

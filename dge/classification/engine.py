@@ -1,5 +1,6 @@
 """One training epoch with the budget loss (Eq. 8), and evaluation: top-1 / top-5, GFLOPs per
 image and the complexity ratio β (Eq. 7), over all processes."""
+import math
 import time
 from collections import defaultdict
 from typing import Callable, Dict, Optional, Tuple
@@ -53,23 +54,15 @@ def train_one_epoch(
         targets = targets.to(device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        logits = model(images)
-        loss_cls = criterion(logits, targets)
-        loss = loss_cls
-        loss_budget, stats = budget(core)  # None without DGE blocks
-        scalars = {"loss_cls": loss_cls.item()}
-        if stats is not None:
-            loss = loss + loss_budget
-            scalars["loss_budget"] = loss_budget.item()
-            scalars.update({k: v.detach().mean().item() for k, v in stats.items()})
-        scalars["loss"] = loss.item()
-        if not torch.isfinite(loss):
+        loss, scalars = _losses(model, core, images, targets, criterion, budget)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        scalars = _to_host(scalars)  # after backward: the forward never waits for the device
+        if not math.isfinite(scalars["loss"]):
             raise FloatingPointError(
                 f"the loss is {scalars['loss']} at epoch {epoch}, step {step} ({scalars}); lower --lr or set "
                 "--clip-grad, then --resume from the last checkpoint"
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
@@ -91,6 +84,26 @@ def train_one_epoch(
     totals = all_reduce_sums(sums, device)
     images = totals.pop("images")
     return step, dict({k: v / images for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"])
+
+
+def _losses(model, core, images, targets, criterion, budget: BudgetLoss) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The loss of one batch (task loss + the budget loss of Eq. 8 with DGE blocks) and its
+    scalars on the device: loss_cls, loss_budget, the routing statistics (batch means), loss."""
+    loss = loss_cls = criterion(model(images), targets)
+    loss_budget, stats = budget(core)  # None without DGE blocks
+    scalars = {"loss_cls": loss_cls}
+    if stats is not None:
+        loss = loss + loss_budget
+        scalars["loss_budget"] = loss_budget
+        scalars.update({k: v.mean() for k, v in stats.items()})
+    scalars["loss"] = loss
+    return loss, scalars
+
+
+def _to_host(scalars: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """0-dim tensors -> floats, in one device-to-host transfer."""
+    values = torch.stack([v.detach().float() for v in scalars.values()]).tolist()
+    return dict(zip(scalars, values))
 
 
 @torch.no_grad()

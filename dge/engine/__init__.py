@@ -1,8 +1,9 @@
 """Trainer pieces: optimizer, evaluator of routing statistics, atomic checkpoints,
-whole-line metrics, step seeds, a checked predictor."""
+whole-line metrics, step seeds, routing statistics after backward, a checked predictor."""
 from .checkpoint import AtomicCheckpointer, atomic_save
 from .evaluator import DGEStatsEvaluator, build_evaluator
 from .metrics import WholeLinesJSONWriter
 from .optimizer import build_lr_scheduler, build_optimizer, no_weight_decay_params, param_groups
+from .routing_stats import RoutingStatsWriter
 from .seeds import StepSeeds
 from .predictor import Predictor, as_predictor_image

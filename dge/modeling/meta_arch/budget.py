@@ -3,7 +3,9 @@
 ``BudgetLossMixin`` goes before a detectron2 meta-architecture in the bases of a class:
 in training it adds ``loss_budget = λ(β − γ)²`` to the loss dict and writes β (total and
 per stage) and the share of regions at each granularity to the event storage (log,
-metrics.json, TensorBoard); in inference it attaches each image's β to its output dict
+metrics.json, TensorBoard), read from the device in one transfer: after backward when the
+trainer has a ``dge.engine.RoutingStatsWriter`` hook (``train_net.py`` does; no host sync
+in the forward), else in the forward; in inference it attaches each image's β to its output dict
 (``output["dge"]``), which ``DGEStatsEvaluator`` averages over a dataset. With
 MODEL.DGE.INFERENCE_BUDGET β, inference runs the routers with the offsets calibrated for β
 (``tools/calibrate_budget.py``), put in use when the weights are loaded.
@@ -59,6 +61,10 @@ class BudgetLossMixin:
         use_budget(module.backbone, module.inference_budget)  # a ValueError when the weights lack it
         module._budget_loaded = True
 
+    # True while a dge.engine.RoutingStatsWriter hook writes the training statistics after
+    # backward; False: the forward writes them.
+    defer_routing_stats = False
+
     def forward(self, batched_inputs: List[Dict]):
         if self.inference_budget and not self.training and not self._budget_loaded:
             raise ValueError(
@@ -71,10 +77,19 @@ class BudgetLossMixin:
             return outputs
         if self.training:
             outputs["loss_budget"] = loss  # Eq. 8
-            storage = get_event_storage()
-            storage.put_scalars(**{f"dge/{k}": v.detach().mean().item() for k, v in stats.items()})
+            self._routing_scalars = list(stats), torch.stack([v.detach().float().mean() for v in stats.values()])
+            if not self.defer_routing_stats:
+                self.write_routing_stats()
             return outputs
         return self.attach_routing_stats(outputs, stats)
+
+    def write_routing_stats(self) -> None:
+        """Puts the last training forward's routing statistics (batch means) in the event
+        storage as ``dge/<name>``, read from the device in one transfer; then forgets them."""
+        pending, self._routing_scalars = getattr(self, "_routing_scalars", None), None
+        if pending is not None:
+            names, values = pending
+            get_event_storage().put_scalars(**{f"dge/{k}": v for k, v in zip(names, values.tolist())})
 
     def attach_routing_stats(self, outputs: List[Dict], stats: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict]:
         """Adds each image's β and routing statistics of the last forward to its output dict
