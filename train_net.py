@@ -14,6 +14,7 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -130,6 +131,9 @@ def setup(args):
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("CUDA is not available: running on the CPU")
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.SOLVER.TF32
+        logger.info(f"TF32 in float32 matmuls and convolutions: {cfg.SOLVER.TF32}; AMP: {cfg.SOLVER.AMP.ENABLED}")
     return cfg
 
 
