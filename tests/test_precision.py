@@ -1,17 +1,16 @@
-"""Half precision, autocast and the CUDA path: β does not depend on the activation dtype,
-training under autocast keeps a float32 residual stream, positions stay float32, and on a
-GPU packed attention (``varlen_attn``) equals the padded path. CUDA cases skip without one."""
+"""Half precision and autocast: β does not depend on the activation dtype, training under
+autocast keeps a float32 residual stream, positions stay float32. The CUDA cases are in
+test_cuda.py."""
 import os
 
 import pytest
-import timm
 import torch
 
 import dge  # noqa: F401  (registers the timm models)
-from dge.analysis.calibration import calibrate, randomize_routers
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import budget_loss, complexity_report, dge_modules
 from dge.layers.attention import packed_attention_available
+from model_helpers import routed_model
 
 HALF = [torch.float16, torch.bfloat16]
 MODELS = ["pvt_tiny_dge", "dpvt_tiny_dge", "deit_tiny_dge"]
@@ -21,17 +20,6 @@ if os.environ.get("DGE_PRECISION_PAPER"):
     HALF_CASES = [("pvt_small_dge", (800, 1280)), ("dpvt_small_dge", (800, 1280)), ("deit_small_dge", (224, 224))]
 else:
     HALF_CASES = [(name, (224, 224)) for name in MODELS]
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-
-
-def routed_model(name: str, x: torch.Tensor, target: float = 0.5):
-    """``name`` with content routers calibrated to β ≈ ``target`` on ``x`` (eval mode)."""
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    randomize_routers(model, seed=0)
-    with torch.no_grad():
-        calibrate(model, lambda: model(x), target, steps=10)
-    return model
 
 
 def maps(model):
@@ -160,67 +148,6 @@ def test_deformable_positions_float32(dtype):
 def test_packed_attention_not_used_on_cpu():
     q = torch.randn(1, 8, 64, dtype=torch.float16)
     assert not packed_attention_available(q, 32, 0.0)
-
-
-def batched_block_outputs(device: str, dtype: torch.dtype):
-    """A DGE block (SR attention, head size 32) on 3 images with different query counts:
-    packed rows, attention per image."""
-    torch.manual_seed(5)
-    block = EncoderBlock(64, SpatialReductionAttention(64, 2, sr_ratio=2))
-    layer = DynamicGrainedEncoder(block, 64, (1, 2, 4)).eval()
-    x = torch.randn(3, 32 * 32, 64)
-    gmap = torch.randint(0, 3, (3, 8, 8))
-    gmap = torch.tensor([1, 2, 4])[gmap]
-    gmap[0] = 1  # one image dense, the others mixed: different counts
-    layer = layer.to(device=device, dtype=dtype)
-    with torch.no_grad():
-        return layer(x.to(device=device, dtype=dtype), (32, 32), gmap.to(device)).float().cpu()
-
-
-@CUDA
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-def test_cuda_packed_attention_equals_cpu(dtype):
-    q = torch.randn(1, 8, 64, device="cuda", dtype=dtype)
-    if not packed_attention_available(q, 32, 0.0):
-        pytest.skip("this GPU or torch has no flash varlen attention")
-    ref = batched_block_outputs("cpu", torch.float32)
-    out = batched_block_outputs("cuda", dtype)
-    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
-    assert ((out - ref).abs().max() / ref.abs().max()).item() < tol
-
-
-@CUDA
-@pytest.mark.parametrize("name", MODELS)
-def test_cuda_model_equals_cpu_float32(name):
-    device = "cuda"
-    torch.manual_seed(6)
-    x = torch.randn(2, 3, 160, 160)
-    model = routed_model(name, x[:1])
-    with torch.no_grad():
-        ref = model(x)
-        beta_ref = complexity_report(model).beta
-        model.to(device)
-        out = model(x.to(device)).cpu()
-    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(complexity_report(model).beta.cpu(), beta_ref, rtol=1e-6, atol=0.0)
-
-
-@CUDA
-@pytest.mark.parametrize("name", ["pvt_tiny_dge", "dpvt_tiny_dge"])
-def test_cuda_autocast_training_step(name):
-    torch.manual_seed(7)
-    x = torch.randn(2, 3, 128, 128, device="cuda")
-    model = routed_model(name, x[:1].cpu()).cuda().train()
-    scaler = torch.amp.GradScaler("cuda")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with torch.autocast("cuda", dtype=torch.float16):
-        logits = model(x)
-        loss = logits.float().logsumexp(dim=1).mean() + budget_loss(complexity_report(model).beta, 0.5, 2.0)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(m.router.gate.weight).all() for m in dge_modules(model))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
