@@ -14,7 +14,9 @@ and installs it with ``--no-deps`` (dge's requirements.txt pins what v0.6 needs)
   every compiled op raises a clear error naming the op (``detectron2_C_standin.py``).
 
 Usage: ``python tools/setup/build_detectron2.py`` (idempotent: a detectron2 that is
-already importable with compiled ops, or this patched build, is kept).
+already importable with compiled ops, or this patched build, is kept);
+``python tools/setup/build_detectron2.py --wheel-dir DIR`` writes the patched build as a
+wheel instead of installing it.
 """
 import hashlib
 import re
@@ -104,7 +106,37 @@ def pip(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def patched_sources(tmp: str) -> Path:
+    """Downloads the sdist (hash-pinned) into ``tmp``, unpacks and patches it: the source folder."""
+    req = Path(tmp, "req.txt")
+    req.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n")
+    # --no-build-isolation: the sdist's setup.py imports torch even to read metadata.
+    pip("download", "--quiet", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        "--require-hashes", "-r", str(req), "-d", tmp)
+    archive = next(Path(tmp).glob("pb1-detectron2-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    src = next(p for p in Path(tmp).iterdir() if p.is_dir())
+    edits = patch_sources(src)
+    log(f"patched {edits} lines of detectron2 v0.6 and added the detectron2._C stand-in")
+    return src
+
+
+def build_wheel(folder: str) -> int:
+    """Writes the patched detectron2 v0.6 as a pure-Python wheel into ``folder`` (for a machine
+    without a package index: tools/setup/gpu_wheels.sh)."""
+    with tempfile.TemporaryDirectory(prefix="pb1-detectron2-") as tmp:
+        src = patched_sources(tmp)
+        pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", folder, str(src))
+    log(f"wrote the patched detectron2 v0.6 wheel into {folder}")
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--wheel-dir":
+        return build_wheel(sys.argv[2])
+    if len(sys.argv) > 1:
+        raise SystemExit(f"usage: {sys.argv[0]} [--wheel-dir DIR]; got {sys.argv[1:]}")
     state = installed_detectron2()
     if state in ("compiled", "patched"):
         log(f"detectron2 is already installed ({state} ops); keeping it")
@@ -112,17 +144,7 @@ def main() -> int:
     if state in ("broken", "outdated"):
         log(f"the installed detectron2 is {state} (does not import completely, or an older patch); reinstalling it")
     with tempfile.TemporaryDirectory(prefix="pb1-detectron2-") as tmp:
-        req = Path(tmp, "req.txt")
-        req.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n")
-        # --no-build-isolation: the sdist's setup.py imports torch even to read metadata.
-        pip("download", "--quiet", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-            "--require-hashes", "-r", str(req), "-d", tmp)
-        archive = next(Path(tmp).glob("pb1-detectron2-*.tar.gz"))
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        src = next(p for p in Path(tmp).iterdir() if p.is_dir())
-        edits = patch_sources(src)
-        log(f"patched {edits} lines of detectron2 v0.6 and added the detectron2._C stand-in")
+        src = patched_sources(tmp)
         pip("install", "--quiet", "--no-deps", "--no-build-isolation", "--force-reinstall", str(src))
         shutil.rmtree(src, ignore_errors=True)
     state = installed_detectron2()
