@@ -76,11 +76,7 @@ def train_one_epoch(
             on_step(step, dict(scalars, lr=lr))
         if (i + 1) % print_freq == 0 or i + 1 == num_steps:
             rate = sums["images"] / (time.perf_counter() - start)
-            beta = f"  β {scalars['beta']:.3f}" if "beta" in scalars else ""
-            log(
-                f"epoch {epoch} [{i + 1}/{num_steps}]  loss {scalars['loss']:.4f}  cls {scalars['loss_cls']:.4f}"
-                f"{beta}  lr {lr:.3g}  {rate:.1f} img/s per process"
-            )
+            log(f"epoch {epoch} [{i + 1}/{num_steps}]  {_progress(scalars)}  lr {lr:.3g}  {rate:.1f} img/s per process")
     totals = all_reduce_sums(sums, device)
     images = totals.pop("images")
     return step, dict({k: v / images for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"])
@@ -98,6 +94,11 @@ def _losses(model, core, images, targets, criterion, budget: BudgetLoss) -> Tupl
         scalars.update({k: v.mean() for k, v in stats.items()})
     scalars["loss"] = loss
     return loss, scalars
+
+
+def _progress(scalars: Dict[str, float]) -> str:
+    beta = f"  β {scalars['beta']:.3f}" if "beta" in scalars else ""
+    return f"loss {scalars['loss']:.4f}  cls {scalars['loss_cls']:.4f}{beta}"
 
 
 def _to_host(scalars: Dict[str, torch.Tensor]) -> Dict[str, float]:
