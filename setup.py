@@ -17,7 +17,7 @@ setup(
     # detectron2 is not on PyPI as a current build: tools/setup/build_detectron2.py (v0.6) or
     # its sources (https://github.com/facebookresearch/detectron2) install it.
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",  # torch.nn.attention.sdpa_kernel, torch.compiler.is_compiling; tested: 2.11, 2.14
         "torchvision",
         "numpy",
         "PyYAML",
