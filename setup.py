@@ -12,6 +12,7 @@ setup(
     name="dge",
     version="0.1.0",
     description="Dynamic Grained Encoder for Vision Transformers (detectron2 + timm)",
+    license="Apache-2.0",
     packages=find_packages(include=["dge", "dge.*"]),
     python_requires=">=3.9",
     # detectron2 is not on PyPI as a current build: tools/setup/build_detectron2.py (v0.6) or
