@@ -35,6 +35,8 @@ from dge.engine import (
     build_evaluator,
     build_lr_scheduler,
     build_optimizer,
+    remove_unfinished_writes,
+    setup_dge_logger,
 )
 
 logger = logging.getLogger("dge")
@@ -88,7 +90,11 @@ class Trainer(DefaultTrainer):
             self._trainer.data_loader.batches.seed = state_dict["data_seed"]
 
     def resume_or_load(self, resume=True):
+        if comm.is_main_process():
+            for path in remove_unfinished_writes(self.cfg.OUTPUT_DIR):
+                logger.warning(f"removed {path}: a checkpoint write that did not finish (the process was stopped)")
         super().resume_or_load(resume=resume)
+        self._write_missing_final()
         # The stream continues at the batch of the first iteration to run; the trainer's
         # iterator has not started its workers yet (ResumableLoader is lazy).
         loader = self._trainer.data_loader
@@ -97,6 +103,29 @@ class Trainer(DefaultTrainer):
             self._trainer._data_loader_iter_obj = None
         else:  # v0.6: created in SimpleTrainer.__init__
             self._trainer._data_loader_iter = iter(loader)
+
+    def train(self):
+        if comm.is_main_process():
+            self._warn_about_the_budget()
+        return super().train()
+
+    def _warn_about_the_budget(self) -> None:
+        """Says at the start when the budget loss cannot reach MODEL.DGE.BUDGET (training inputs
+        of the largest MIN_SIZE_TRAIN at 4:3, within MAX_SIZE_TRAIN)."""
+        model = self.model.module if hasattr(self.model, "module") else self.model  # DDP
+        if not hasattr(model, "budget_warnings"):
+            return
+        h = max(self.cfg.INPUT.MIN_SIZE_TRAIN)
+        for message in model.budget_warnings((h, min(self.cfg.INPUT.MAX_SIZE_TRAIN, round(h * 4 / 3)))):
+            logger.warning(message)
+
+    def _write_missing_final(self) -> None:
+        """A run stopped while it wrote model_final.pth resumes at MAX_ITER: nothing is left to
+        train, and the final weights are those just loaded (the last iteration's): written now."""
+        final = os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")
+        if self.start_iter >= self.max_iter and not os.path.exists(final) and comm.is_main_process():
+            logger.warning(f"the run had ended but {final} is missing (stopped while it was written): writing it now")
+            self.checkpointer.save("model_final", iteration=self.start_iter - 1)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -129,6 +158,7 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_dge_logger(cfg.OUTPUT_DIR)  # dge's lines in the console and OUTPUT_DIR/log.txt, as detectron2's
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("CUDA is not available: running on the CPU")
     else:

@@ -55,7 +55,7 @@ def add_dge_config(cfg: CN) -> CN:
     # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
     cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 
-    # Start from a MODEL.WEIGHTS file that gives the backbone fewer than 10% of its tensors (else an error).
+    # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
     # ---------------------------------------------------------------- solver

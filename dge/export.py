@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .layers import routing_stats
+from .layers import record_routing, routing_stats
 
 __all__ = [
     "FORMATS",
@@ -36,6 +36,7 @@ __all__ = [
     "RoutedOutputs",
     "export_module",
     "export_detectron2_model",
+    "check_detectron2_format",
     "flat_tensors",
     "binary_differences",
     "max_difference",
@@ -66,9 +67,10 @@ class RoutedOutputs(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = self.model(x)
+        with record_routing() as record:
+            out = self.model(x)
         flat = OrderedDict(out) if isinstance(out, Mapping) else OrderedDict(output=out)
-        for k, v in (routing_stats(self.model) or {}).items():
+        for k, v in (routing_stats(self.model, record) or {}).items():
             flat[f"dge.{k}"] = v
         return flat
 
@@ -150,6 +152,20 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str, fmt: str,
     return metadata
 
 
+def check_detectron2_format(fmt: str) -> None:
+    """Whole detectron2 models export through tracing only: under torch.export (and ONNX,
+    which goes through it) detectron2's ``ImageList`` pads to a size read from the image
+    sizes, a data-dependent value every backbone then branches on."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
+    if fmt != "torchscript":
+        raise ValueError(
+            f"a whole detectron2 model is not exported as {fmt!r} (detectron2 pads its input to a size "
+            "read from the data, which torch.export cannot take): use --format torchscript, or export the "
+            "backbone (--what backbone) or a timm model as exported / onnx"
+        )
+
+
 def export_detectron2_model(model: nn.Module, image: torch.Tensor, path: str, fmt: str = "torchscript", **meta):
     """Exports a whole detectron2 model (e.g. ``DGERCNN``) traced on ``image`` [C, H, W] (the
     tensor its ``forward([{"image": image}])`` takes) through detectron2's
@@ -164,8 +180,7 @@ def export_detectron2_model(model: nn.Module, image: torch.Tensor, path: str, fm
 
     from .modeling.meta_arch import BudgetLossMixin
 
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
+    check_detectron2_format(fmt)
     if image.dim() != 3:
         raise ValueError(f"a detectron2 model is exported from one [C, H, W] image; got {list(image.shape)}")
     model = model.eval()
@@ -174,8 +189,11 @@ def export_detectron2_model(model: nn.Module, image: torch.Tensor, path: str, fm
         # As detectron2's deploy tool: the graph ends at the RoI masks; pasting them into the
         # image (detector_postprocess) runs after it, in ExportedModel.
         def inference(model, inputs):
-            outputs = [{"instances": i} for i in model.inference(inputs, do_postprocess=False)]
-            return model.attach_routing_stats(outputs) if isinstance(model, BudgetLossMixin) else outputs
+            with record_routing() as record:
+                outputs = [{"instances": i} for i in model.inference(inputs, do_postprocess=False)]
+            if not isinstance(model, BudgetLossMixin):
+                return outputs
+            return model.attach_routing_stats(outputs, routing_stats(model.backbone, record))
 
         postprocess = "detector_postprocess"
     adapter = TracingAdapter(model, [{"image": image}], inference_func=inference)

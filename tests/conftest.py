@@ -1,4 +1,5 @@
 """Shared fixtures: the repo root on sys.path (train_net.py) and a small synthetic dataset."""
+import logging
 import os
 import sys
 
@@ -32,3 +33,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def dge_logs_reach_caplog():
+    """train_net.py and the tools set up the dge logger as detectron2 sets up its own (its own
+    handlers, propagate off); tests read its lines with pytest's caplog, on the root logger."""
+    logging.getLogger("dge").propagate = True
+    yield

@@ -13,6 +13,7 @@ from torch import nn
 import dge.modeling  # noqa: F401  (registration)
 from dge.config import add_dge_config
 from dge.layers import DynamicGrainedEncoder
+from model_helpers import recorded
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KINDS = {  # backbone kind -> config overrides
@@ -165,14 +166,13 @@ def test_mask_rcnn_trains_and_infers_on_odd_sizes(kind):
     _randomise_routers(model)
     for h, w in ODD_SIZES:
         with torch.no_grad():
-            (out,) = model([{"image": torch.rand(3, h, w) * 255}])
+            (out,), record = recorded(model, [{"image": torch.rand(3, h, w) * 255}])
         inst = out["instances"]
         assert inst.image_size == (h, w) and len(inst) == 4
         assert inst.pred_masks.shape[1:] == (h, w)
         assert torch.isfinite(inst.pred_boxes.tensor).all()
     if "dge" in kind:
-        chosen = {int(g) for m in model.modules() if isinstance(m, DynamicGrainedEncoder)
-                  for g in m.last_routing.granularity_map.unique()}
+        chosen = {int(g) for info in record.infos for g in info.granularity_map.unique()}
         assert chosen == {1, 2, 4}
 
 

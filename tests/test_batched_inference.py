@@ -9,6 +9,7 @@ from dge.config import load_config
 from dge.layers import dge_modules
 from dge.modeling.backbone import build_pvt_backbone
 from train_helpers import CONFIGS
+from model_helpers import recorded
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -26,8 +27,8 @@ def test_batched_backbone_outputs_equal_batch_one(attention):
     images[1, :, :, 80:] = 0.0  # a flat half: different routing from the others
     images[2] *= 0.2
     with torch.no_grad():
-        batched = backbone(images)
-        counts = [m.last_routing.num_queries.tolist() for m in dge_modules(backbone)]
+        batched, record = recorded(backbone, images)
+        counts = [info.num_queries.tolist() for info in record.infos]
         alone = [backbone(images[i : i + 1]) for i in range(3)]
     assert any(len(set(c)) > 1 for c in counts)  # the images really route differently
     for i in range(3):

@@ -22,10 +22,10 @@ from detectron2.modeling import build_model
 from torch.nn import functional as F
 
 from dge.config import add_dge_config
-from dge.layers import DynamicGrainedEncoder
 from dge.modeling.backbone.convert import convert_deit_state_dict
 from dge.modeling.backbone.convert import convert_pvt_state_dict
 from dge.modeling.backbone.utils import resample_pos_embed
+from model_helpers import recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -286,8 +286,8 @@ def test_official_pvt_v1_weights_give_the_official_detection_features(tmp_path):
         torch.testing.assert_close(ours[name], r, atol=1e-4, rtol=1e-4)
 
 
-def _routing_maps(model):
-    return [m.last_routing.granularity_map for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
+def _routing_maps(record):
+    return [info.granularity_map for info in record.infos]
 
 
 def test_vtpack_pvt_dge_weights_give_vtpack_logits_and_routing(tmp_path):
@@ -297,14 +297,14 @@ def test_vtpack_pvt_dge_weights_give_vtpack_logits_and_routing(tmp_path):
     x = torch.randn(2, 3, 128, 128, dtype=torch.float64)
     choices = []
     with torch.no_grad():
-        ours = model.double().eval()(x)
+        ours, record = recorded(model.double().eval(), x)
         ref = official_pvt_forward(_f64(sd), x, SMALL, 256, True, choices=choices)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     # The same granularity per region (vtpack split k = granularity 4 / k) in every block.
     splits = torch.tensor([4, 2, 1])
-    for mine, theirs in zip(_routing_maps(model), choices):
+    for mine, theirs in zip(_routing_maps(record), choices):
         assert torch.equal(mine, 4 // splits[theirs])
-    assert {int(g) for m in _routing_maps(model) for g in m.unique()} == {1, 2, 4}
+    assert {int(g) for m in _routing_maps(record) for g in m.unique()} == {1, 2, 4}
 
 
 def test_vtpack_pvt_dge_weights_give_the_same_detection_features(tmp_path):
@@ -316,11 +316,11 @@ def test_vtpack_pvt_dge_weights_give_the_same_detection_features(tmp_path):
     DetectionCheckpointer(model).load(str(out))
     x = torch.randn(1, 3, 128, 256, dtype=torch.float64)
     with torch.no_grad():
-        ours = model.backbone.bottom_up.double()(x)
+        ours, record = recorded(model.backbone.bottom_up.double(), x)
         ref = official_pvt_forward(_f64(sd), x, SMALL, 256, False, choices=[])
     for name, r in zip(("res2", "res3", "res4", "res5"), ref):
         torch.testing.assert_close(ours[name], r, atol=1e-4, rtol=1e-4)
-    assert len({int(g) for m in _routing_maps(model) for g in m.unique()}) == 3
+    assert len({int(g) for m in _routing_maps(record) for g in m.unique()}) == 3
 
 
 def test_vtpack_dpvt_weights_give_vtpack_logits(tmp_path):
@@ -443,7 +443,7 @@ def test_converter_command_line_runs(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools/convert_pretrained.py"), str(src), str(out), "--model", "pvt_tiny"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "not used by the model: head.weight" in result.stderr and out.exists()
+    assert "not used by the model: head.weight" in result.stdout and out.exists()  # the dge logger: stdout, as detectron2
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from dge.analysis.gpu_checks import GRADIENT_NAMES, HALF_TOLERANCE, block_traini
 from dge.analysis.gpu_checks import relative_difference as relative
 from dge.analysis.syncs import count_cuda_syncs
 from dge.layers import budget_loss
-from dge.layers import complexity_report, dge_modules
+from dge.layers import complexity_report
 from dge.layers.attention import packed_attention_available
-from model_helpers import routed_model
+from model_helpers import recorded, routed_model
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
@@ -103,12 +103,12 @@ def test_cuda_model_equals_cpu_float32(name, no_tf32):
     x = torch.randn(2, 3, 160, 160)
     model = routed_model(name, x[:1])
     with torch.no_grad():
-        ref = model(x)
-        beta_ref = complexity_report(model).beta
+        ref, record = recorded(model, x)
+        beta_ref = complexity_report(record).beta
         model.cuda()
-        out = model(x.cuda()).cpu()
-    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(complexity_report(model).beta.cpu(), beta_ref, rtol=1e-6, atol=0.0)
+        out, record = recorded(model, x.cuda())
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(complexity_report(record).beta.cpu(), beta_ref, rtol=1e-6, atol=0.0)
 
 
 def model_step(model, x, seed: int) -> dict:
@@ -116,11 +116,11 @@ def model_step(model, x, seed: int) -> dict:
     parameter's gradient and the routing."""
     model.zero_grad(set_to_none=True)
     with host_gumbel_noise(seed):
-        logits = model(x)
-    loss = logits.float().logsumexp(dim=1).mean() + budget_loss(complexity_report(model).beta, 0.5, 2.0)
+        logits, record = recorded(model, x)
+    loss = logits.float().logsumexp(dim=1).mean() + budget_loss(complexity_report(record).beta, 0.5, 2.0)
     loss.backward()
     grads = {n: p.grad.double().cpu() for n, p in model.named_parameters() if p.grad is not None}
-    return dict(grads, maps=[m.last_routing.granularity_map.cpu() for m in dge_modules(model)])
+    return dict(grads, maps=[info.granularity_map.cpu() for info in record.infos])
 
 
 @CUDA
@@ -151,8 +151,8 @@ def test_cuda_autocast_training_step(name):
     model = routed_model(name, x[:1].cpu()).cuda().train()
     scaler = torch.amp.GradScaler("cuda")
     with torch.autocast("cuda", dtype=torch.float16):
-        logits = model(x)
-        loss = logits.float().logsumexp(dim=1).mean() + budget_loss(complexity_report(model).beta, 0.5, 2.0)
+        logits, record = recorded(model, x)
+        loss = logits.float().logsumexp(dim=1).mean() + budget_loss(complexity_report(record).beta, 0.5, 2.0)
     scaler.scale(loss).backward()
     assert torch.isfinite(loss)
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

@@ -16,8 +16,10 @@ from dge.layers import (
     SpatialReductionAttention,
     budget_loss,
     complexity_report,
+    record_routing,
     token_centers,
 )
+from model_helpers import recorded
 
 C = 16
 
@@ -82,9 +84,9 @@ def test_all_fine_granularity_equals_vanilla_block(kind):
         mixed = ones.clone()
         mixed[1] = 2
         mixed[2, :, 2:] = 4
-        out = dge(x, hw, mixed)
+        out, record = recorded(dge, x, hw, mixed)
         assert (out[0] - vanilla[0]).abs().max() < 1e-5
-        assert dge.last_routing.num_queries.tolist()[0] == hw[0] * hw[1]
+        assert record.of(dge).num_queries.tolist()[0] == hw[0] * hw[1]
 
 
 def test_inference_mlp_in_row_tiles_equals_the_plain_mlp(monkeypatch):
@@ -139,9 +141,9 @@ def test_random_maps_match_the_region_loop_reference(kind):
     gmap[0] = 1  # three images with clearly different query counts
     gmap[1, 0, 0] = 0
     with torch.no_grad():
-        out = dge(x, hw, gmap)
+        out, record = recorded(dge, x, hw, gmap)
         ref = reference_dge(block, x, hw, gmap, region=4)
-    counts = dge.last_routing.num_queries.tolist()
+    counts = record.of(dge).num_queries.tolist()
     assert len(set(counts)) == 3
     assert (out - ref).abs().max() < 1e-5
     with torch.no_grad():  # batch 1 takes the contiguous-copy path of the gather
@@ -163,9 +165,9 @@ def test_packed_rows_have_no_padding_and_train_like_images_alone(kind):
     gmap = torch.tensor([[[1, 1, 1], [1, 1, 2]], [[4, 4, 4], [4, 2, 4]], [[2, 1, 4], [4, 4, 4]]])
     mlp_rows = []
     handle = block.mlp.register_forward_hook(lambda m, i, o: mlp_rows.append(i[0].shape[:-1].numel()))
-    out = dge(x, hw, gmap)
+    out, record = recorded(dge, x, hw, gmap)
     handle.remove()
-    counts = dge.last_routing.num_queries.tolist()
+    counts = record.of(dge).num_queries.tolist()
     assert counts == [5 * 16 + 4, 5 + 4, 4 + 16 + 4]
     assert mlp_rows == [sum(counts)]
     weights = torch.randn_like(out)
@@ -253,11 +255,11 @@ def test_extra_tokens_are_always_queries_and_match_reference():
     x = torch.randn(2, 1 + 30, C)
     gmap = torch.tensor([[[2, 1, 2], [2, 2, 1], [1, 2, 2]], [[2, 2, 2], [2, 2, 2], [2, 2, 2]]])
     with torch.no_grad():
-        out = dge(x, hw, gmap)
+        out, record = recorded(dge, x, hw, gmap)
         ref = reference_dge(block, x, hw, gmap, region=2, num_extra=1)
     assert (out - ref).abs().max() < 1e-5
     # image 0: φ=1 regions hold 4 + 4 + 2 (bottom row cut) tokens, six φ=2 regions 1 each.
-    assert dge.last_routing.num_queries.tolist() == [16, 9]
+    assert record.of(dge).num_queries.tolist() == [16, 9]
 
 
 def test_layer_routing_uses_one_region_for_the_whole_map():
@@ -266,12 +268,12 @@ def test_layer_routing_uses_one_region_for_the_whole_map():
     hw = (10, 9)
     x = torch.randn(2, 90, C)
     with torch.no_grad():
-        dge(x, hw)
-        assert dge.last_routing.granularity_map.shape == (2, 1, 1)
+        _, record = recorded(dge, x, hw)
+        assert record.of(dge).granularity_map.shape == (2, 1, 1)
         gmap = torch.tensor([4, 2]).view(2, 1, 1)
-        out = dge(x, hw, gmap)
+        out, record = recorded(dge, x, hw, gmap)
         ref = reference_dge(block, x, hw, gmap, region=12)  # one 12×12 region covers the map
-    assert dge.last_routing.num_queries.tolist() == [3 * 3, 5 * 5]
+    assert record.of(dge).num_queries.tolist() == [3 * 3, 5 * 5]
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -283,19 +285,19 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     hw = (12, 8)
     x = torch.randn(2, 96, C)
     torch.manual_seed(7)
-    a = sparse(x, hw)
+    a, record_a = recorded(sparse, x, hw)
     torch.manual_seed(7)
-    b = dense(x, hw)
-    assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
-    assert torch.equal(sparse.last_routing.num_queries, dense.last_routing.num_queries)
+    b, record_b = recorded(dense, x, hw)
+    assert torch.equal(record_a.of(sparse).granularity_map, record_b.of(dense).granularity_map)
+    assert torch.equal(record_a.of(sparse).num_queries, record_b.of(dense).num_queries)
     assert (a - b).abs().max() < 1e-5
     calls, kv_calls = [], []
     handles = [
         block.attn.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1])),
         block.attn.sr.register_forward_hook(lambda m, i, o: kv_calls.append(1)),
     ]
-    sparse(x, hw)
-    n_sparse = sparse.last_routing.num_queries.sum().item()
+    _, record = recorded(sparse, x, hw)
+    n_sparse = record.of(sparse).num_queries.sum().item()
     dense(x, hw)
     for handle in handles:
         handle.remove()
@@ -314,11 +316,11 @@ def test_dense_training_agrees_with_sparse_with_a_class_token(kind):
     hw = (9, 10)  # padded to 12×12: partial patches at the border
     x = torch.randn(2, 1 + 90, C)
     torch.manual_seed(3)
-    a = sparse(x, hw)
+    a, record_a = recorded(sparse, x, hw)
     torch.manual_seed(3)
-    b = dense(x, hw)
-    assert torch.equal(sparse.last_routing.granularity_map, dense.last_routing.granularity_map)
-    assert len(dense.last_routing.granularity_map.unique()) == 3
+    b, record_b = recorded(dense, x, hw)
+    assert torch.equal(record_a.of(sparse).granularity_map, record_b.of(dense).granularity_map)
+    assert len(record_b.of(dense).granularity_map.unique()) == 3
     assert (a - b).abs().max() < 1e-5
 
 
@@ -373,8 +375,8 @@ def test_budget_loss_gradient_reaches_the_router_and_lowers_fine_scores():
     dge = DynamicGrainedEncoder(block, C).train()
     hw = (8, 8)
     x = torch.randn(4, 64, C)
-    dge(x, hw)
-    report = complexity_report(dge)
+    _, record = recorded(dge, x, hw)
+    report = complexity_report(record)
     loss = budget_loss(report.beta, budget=0.25, weight=1.0)
     loss.backward()
     grad = dge.router.gate.bias.grad
@@ -398,15 +400,15 @@ def test_beta_equals_the_hand_count_for_a_known_map():
     x = torch.randn(1, 64, C)
     gmap = torch.tensor([[[1, 2], [4, 0]]])
     with torch.no_grad():
-        dge(x, hw, gmap)
+        _, record = recorded(dge, x, hw, gmap)
     fixed, per_query = _hand_block_cost(64, 16, 32, 2)
     queries = 16 + 4 + 1 + 0
     expected = (fixed + per_query * queries) / (fixed + per_query * 64)
-    assert dge.last_routing.num_queries.tolist() == [queries]
-    assert abs(complexity_report(dge).beta.item() - expected) < 1e-6
+    assert record.of(dge).num_queries.tolist() == [queries]
+    assert abs(complexity_report(record).beta.item() - expected) < 1e-6
     with torch.no_grad():
-        dge(x, hw, torch.ones(1, 2, 2, dtype=torch.long))
-    assert complexity_report(dge).beta.item() == 1.0
+        _, record = recorded(dge, x, hw, torch.ones(1, 2, 2, dtype=torch.long))
+    assert complexity_report(record).beta.item() == 1.0
 
 
 def test_beta_sums_over_layers_and_counts_the_router():
@@ -415,18 +417,18 @@ def test_beta_sums_over_layers_and_counts_the_router():
     ).eval()
     x = torch.randn(1, 64, C)
     maps = [torch.tensor([[[2, 2], [2, 2]]]), torch.tensor([[[4, 4], [1, 1]]])]
-    with torch.no_grad():
+    with torch.no_grad(), record_routing() as record:
         for m, g in zip(model, maps):
             m(x, (8, 8), g)
     fixed, per_query = _hand_block_cost(64, 16, 32, 2)
     dyn = [fixed + per_query * 16, fixed + per_query * (1 + 1 + 32)]
     static = 2 * (fixed + per_query * 64)
-    report = complexity_report(model)
+    report = complexity_report(record, model)
     assert abs(report.beta.item() - sum(dyn) / static) < 1e-6
     assert report.layer_beta.shape == (2, 1)
     with torch.no_grad():  # routed by the router: its C·K per region counts as dynamic
-        model[0](x, (8, 8))
-    r = model[0].last_routing
+        _, record = recorded(model[0], x, (8, 8))
+    r = record.of(model[0])
     assert r.router_flops == 4 * C * 3
     assert r.dynamic_flops().item() == pytest.approx(fixed + 4 * C * 3 + per_query * r.num_queries.item())
 

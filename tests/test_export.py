@@ -10,6 +10,7 @@ from dge.analysis.calibration import randomize_routers
 from dge.export import ExportedModel, ExportError, RoutedOutputs, export_module, max_difference
 from dge.layers import dge_modules
 from dge.modeling.backbone import PyramidVisionTransformer
+from model_helpers import recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = (64, 96)
@@ -33,8 +34,8 @@ def inputs(n: int):
     return [torch.randn(1, 3, *HW, generator=gen) * (0.5 + i) for i in range(n)]
 
 
-def query_counts(model) -> list:
-    return [int(m.last_routing.num_queries.sum()) for m in dge_modules(model)]
+def query_counts(record) -> list:
+    return [int(info.num_queries.sum()) for info in record.infos]
 
 
 @pytest.mark.parametrize("attention, global_pool", [("sr", "avg"), ("deformable", "avg"), ("sr", "token")])
@@ -52,8 +53,8 @@ def test_an_exported_model_follows_each_inputs_routing(tmp_path, fmt, attention,
     routings = set()
     for x in [export_image] + others:
         with torch.no_grad():
-            eager = model(x)
-        routings.add(tuple(query_counts(model.model)))
+            eager, record = recorded(model, x)
+        routings.add(tuple(query_counts(record)))
         out = exported(x)
         assert list(out) == list(eager)
         assert max_difference(eager, out) < 1e-4

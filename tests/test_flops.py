@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from dge.analysis import FlopCountAnalysis, analyze_image, analyze_images, force_granularity, format_flops_report
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
+from model_helpers import recorded
 from dge.modeling.backbone import PyramidVisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +110,10 @@ def test_all_regions_at_granularity_one_give_dynamic_equal_to_static():
     assert vanilla.total == forced.static_total and not vanilla.layers
     # Routed by a fresh router (finest grain everywhere): the routers are the only extra cost.
     routed = analyze_image(model, (x,))
-    blocks = [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
-    routers = sum(m.router.flops(m.layout(m.last_routing.hw, "cpu").num_regions) for m in blocks)
-    assert all(m.last_routing.granularity_map.eq(1).all() for m in blocks)
+    with torch.no_grad():
+        _, record = recorded(model, x)
+    routers = sum(m.router.flops(m.layout(info.hw, "cpu").num_regions) for m, info in record)
+    assert all(info.granularity_map.eq(1).all() for info in record.infos)
     assert routed.total - routed.static_total == routers > 0
 
 
@@ -240,8 +242,8 @@ def test_the_classifiers_per_image_gflops_equal_fvcores_count(name):
     outside, static = outside_dge_flops(model, (3, 64, 64))
     for image in images:
         with torch.no_grad():
-            model(image)
-        logged = outside + complexity_report(model).dynamic_flops.sum().item()
+            _, record = recorded(model, image)
+        logged = outside + complexity_report(record, model).dynamic_flops.sum().item()
         counted = analyze_image(model, (image,))
         assert 0.1 < counted.beta < 0.95, counted.beta
         assert logged == pytest.approx(counted.total, rel=3e-3)

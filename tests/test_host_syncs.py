@@ -11,6 +11,7 @@ import dge  # noqa: F401  (registers the timm models)
 from dge.analysis.syncs import count_host_reads
 from dge.layers import BudgetLoss, DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import dge_modules
+from model_helpers import recorded
 
 C = 16
 ONE_NONZERO = {"aten::nonzero": 1}
@@ -45,9 +46,9 @@ def test_block_inference_reads_only_its_one_nonzero(kind, phi, extra, batch):
     hw = (13, 18)
     x = torch.randn(batch, extra + hw[0] * hw[1], C)
     with torch.no_grad():
-        layer(x, hw)
-        counts = layer.last_routing.num_queries
-        assert len(layer.last_routing.granularity_map.unique()) == len(phi)
+        _, record = recorded(layer, x, hw)
+        counts = record.of(layer).num_queries
+        assert len(record.of(layer).granularity_map.unique()) == len(phi)
         if batch == 2:
             assert counts[0] != counts[1], "the images should keep different query counts"
         assert count_host_reads(lambda: layer(x, hw)) == ONE_NONZERO
@@ -72,8 +73,8 @@ def test_training_step_reads_one_nonzero_per_block(name):
     budget = BudgetLoss(0.5, 1.0)
 
     def step():
-        logits = model(x)
-        loss, _ = budget(model)
+        logits, record = recorded(model, x)
+        loss, _ = budget(model, record)
         (logits.logsumexp(dim=1).mean() + loss).backward()
 
     step()

@@ -10,7 +10,7 @@ import dge  # noqa: F401  (registers the timm models)
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import budget_loss, complexity_report, dge_modules
 from dge.layers.attention import packed_attention_available
-from model_helpers import routed_model
+from model_helpers import recorded, routed_model
 
 HALF = [torch.float16, torch.bfloat16]
 MODELS = ["pvt_tiny_dge", "dpvt_tiny_dge", "deit_tiny_dge"]
@@ -22,15 +22,14 @@ else:
     HALF_CASES = [(name, (224, 224)) for name in MODELS]
 
 
-def maps(model):
-    return [m.last_routing.granularity_map.clone() for m in dge_modules(model)]
+def maps(record):
+    return [info.granularity_map.clone() for info in record.infos]
 
 
-def reference_beta(model) -> float:
-    """β of the last forward recomputed in float64 on the host from the hard query counts."""
+def reference_beta(record) -> float:
+    """β of the forward in ``record`` recomputed in float64 on the host from the hard query counts."""
     dynamic = static = 0.0
-    for m in dge_modules(model):
-        info = m.last_routing
+    for info in record.infos:
         fixed, per_query = info.block_cost
         dynamic += fixed + info.router_flops + per_query * (float(info.num_queries[0]) + info.num_extra)
         static += fixed + per_query * (info.num_tokens + info.num_extra)
@@ -62,22 +61,21 @@ def test_half_model_beta_equals_float32(name, hw, dtype):
     x = torch.randn(1, 3, *hw)
     model = routed_model(name, x)
     with torch.no_grad():
-        model(x)
-        assert 0.3 < complexity_report(model).beta.item() < 0.7
-        routing = maps(model)
-        with forced_routing(model, routing):
-            model(x)
-            beta32 = complexity_report(model).beta
+        _, record = recorded(model, x)
+        assert 0.3 < complexity_report(record).beta.item() < 0.7
+        with forced_routing(model, maps(record)):
+            _, record = recorded(model, x)
+            beta32 = complexity_report(record).beta
             model.to(dtype)
-            y = model(x.to(dtype))
-            forced = complexity_report(model)
-        model(x.to(dtype))  # its own routers, in dtype
+            y, record = recorded(model, x.to(dtype))
+            forced = complexity_report(record)
+        _, record = recorded(model, x.to(dtype))  # its own routers, in dtype
     assert torch.isfinite(y).all()
     assert forced.beta.dtype == torch.float32 and forced.dynamic_flops.dtype == torch.float32
     torch.testing.assert_close(forced.beta, beta32, rtol=1e-6, atol=0.0)
-    routed = complexity_report(model).beta
+    routed = complexity_report(record).beta
     assert torch.isfinite(routed).all() and routed.dtype == torch.float32
-    assert routed.item() == pytest.approx(reference_beta(model), rel=1e-6)
+    assert routed.item() == pytest.approx(reference_beta(record), rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["pvt_tiny_dge", "dpvt_tiny_dge"])
@@ -95,12 +93,12 @@ def test_autocast_training_step(name, dtype):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(3)  # the same Gumbel draws and drop-path masks
         with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            logits = model(x)
-            beta = complexity_report(model).beta
+            logits, record = recorded(model, x)
+            beta = complexity_report(record).beta
             loss = logits.float().logsumexp(dim=1).mean() + budget_loss(beta, 0.5, 2.0)
         loss.backward()
         grads = [m.router.gate.weight.grad.clone() for m in dge_modules(model)]
-        return loss.detach(), beta.detach(), maps(model), grads
+        return loss.detach(), beta.detach(), maps(record), grads
 
     loss32, beta32, maps32, _ = step(False)
     outputs.clear()
@@ -120,8 +118,8 @@ def test_router_scores_float32_under_autocast():
     dge_block = DynamicGrainedEncoder(block, 32, (1, 2, 4)).train()
     x = torch.randn(1, 16 * 16, 32)
     with torch.autocast("cpu", dtype=torch.float16):
-        dge_block(x, (16, 16))
-    assert dge_block.last_routing.query_count.dtype == torch.float32
+        _, record = recorded(dge_block, x, (16, 16))
+    assert record.of(dge_block).query_count.dtype == torch.float32
     logits = dge_block.router(torch.randn(1, 2, 2, 32).half())
     assert logits.dtype == torch.float32
 

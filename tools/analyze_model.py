@@ -46,12 +46,12 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
-from detectron2.utils.logger import setup_logger
 from fvcore.nn import parameter_count_table
 from fvcore.nn.jit_handles import generic_activation_jit
 from torch.nn import functional as F
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
+from dge.engine import setup_dge_logger
 from dge.analysis import ImageFlops, analyze_images, flops_summary, format_flops_report
 from dge.analysis.flop_count import detectron2_analysis
 from dge.config import add_dge_config, merge_config
@@ -68,9 +68,7 @@ def setup(args):
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    setup_logger(name="fvcore")
-    setup_logger(name="dge")
-    setup_logger()
+    setup_dge_logger(also=("fvcore", "detectron2"))
     return cfg
 
 

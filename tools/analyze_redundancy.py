@@ -43,6 +43,7 @@ from timm.data import resolve_data_config
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 
+from dge.engine import setup_dge_logger
 from dge.analysis.plots import (
     plot_accuracy_complexity,
     plot_correlation_histogram,
@@ -232,7 +233,7 @@ def main(argv=None) -> Dict:
     parser = get_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_dge_logger()
     with logging_redirect_tqdm():
         return analyze(args)
 

@@ -54,7 +54,7 @@ from dge.analysis.latency import (
     with_precision,
 )
 from dge.config import load_config
-from dge.layers import complexity_report
+from dge.layers import complexity_report, record_routing
 
 
 def cpu_peak_memory_mb(argv, what: str, variant: str, offset) -> dict:
@@ -144,8 +144,9 @@ def main(argv=None):
                         per_block=args.calibration == "per-block",
                     )
                     applied = offset
-                dge_model.backbone.bottom_up(x)
-                report = complexity_report(dge_model)
+                with record_routing() as record:
+                    dge_model.backbone.bottom_up(x)
+                report = complexity_report(record, dge_model)
                 beta = report.beta.mean().item()
             case = {
                 "size": list(hw),

@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from dge.analysis.latency import timed_interleaved
-from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
+from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, record_routing
 
 
 def map_with_query_ratio(batch, regions_hw, ratio, region_size, generator):
@@ -69,8 +69,9 @@ def main():
         "dge_sparse": lambda: dge(x, (h, w), sparse),
     }
     with torch.inference_mode():
-        dge(x, (h, w), sparse)
-        query_ratio = dge.last_routing.num_queries.float().mean().item() / (h * w)
+        with record_routing() as record:
+            dge(x, (h, w), sparse)
+        query_ratio = record.of(dge).num_queries.float().mean().item() / (h * w)
         samples = timed_interleaved(cases, args.runs, args.warmup)  # ms
     med = {k: statistics.median(v) for k, v in samples.items()}
     spread = {k: (min(v), max(v)) for k, v in samples.items()}

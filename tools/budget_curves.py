@@ -44,9 +44,9 @@ from detectron2.data import get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_backbone, build_model
-from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401  (registers models and datasets)
+from dge.engine import setup_dge_logger
 from dge.analysis.calibration import block_flops
 from dge.analysis.latency import ForwardTimer, device_sync, timed_interleaved
 from dge.analysis.plots import plot_budget_curves
@@ -54,7 +54,7 @@ from dge.config import load_config
 from dge.data import check_datasets
 from dge.data.loader import build_test_loader
 from dge.engine import AtomicCheckpointer, build_evaluator
-from dge.layers import check_budget
+from dge.layers import check_budget, record_routing
 
 logger = logging.getLogger("dge.budget_curves")
 
@@ -153,8 +153,9 @@ def vanilla_block_flops(cfg, sizes: Sequence[int], image_hw: Tuple[int, int]) ->
         sized = scaled_test_size(cfg, size)
         shape = padded_size(sized, *image_hw, twin.size_divisibility)
         if shape not in by_shape:
-            twin(torch.zeros(1, 3, *shape))
-            by_shape[shape] = float(block_flops(twin)[1].sum())
+            with record_routing() as record:
+                twin(torch.zeros(1, 3, *shape))
+            by_shape[shape] = float(block_flops(twin, record)[1].sum())
         flops[size] = by_shape[shape]
     return flops
 
@@ -190,8 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
     keys = [i for i, item in enumerate(args.trained) if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", item)]
     if keys:
         args.trained, args.opts = args.trained[: keys[0]], args.trained[keys[0]:] + args.opts
-    setup_logger(name="dge")
-    setup_logger(name="detectron2")
+    setup_dge_logger(also=("detectron2",))
     if not (args.recalibrated or args.trained or args.vanilla):
         raise ValueError("nothing to evaluate: give --recalibrated, --trained and / or --vanilla")
     betas = [check_budget(b, "--betas") for b in args.betas]

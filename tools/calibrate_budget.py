@@ -28,14 +28,14 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.utils.logger import setup_logger
 
 import dge  # noqa: F401  (registers models and datasets)
+from dge.engine import setup_dge_logger
 from dge.analysis.calibration import block_flops, calibrate, stage_groups
 from dge.config import load_config
 from dge.data import iter_images
 from dge.engine import AtomicCheckpointer, atomic_save
-from dge.layers import check_budget, set_budget_offsets, store_budget, stored_budgets
+from dge.layers import check_budget, record_routing, set_budget_offsets, store_budget, stored_budgets
 
 logger = logging.getLogger("dge.calibrate_budget")
 TOLERANCE = 0.01  # |β − target| above this on the calibration images: the target is out of reach
@@ -103,8 +103,9 @@ def measure(model, inputs):
     dynamic = static = None
     betas = []
     for x in inputs:
-        model.backbone(x)
-        d, s = block_flops(model.backbone)
+        with record_routing() as record:
+            model.backbone(x)
+        d, s = block_flops(model.backbone, record)
         dynamic, static = (d, s) if dynamic is None else (dynamic + d, static + s)
         betas.append((d.sum() / s.sum()).item())
     return (dynamic, static), betas
@@ -134,8 +135,7 @@ def main(argv=None):
     keys = [i for i, item in enumerate(args.images) if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", item)]
     if keys:
         args.images, args.opts = args.images[: keys[0]], args.images[keys[0]:] + args.opts
-    setup_logger(name="dge")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_dge_logger()
     targets = [check_budget(t, "--target-beta") for t in args.target_beta]
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()

@@ -33,8 +33,9 @@ import timm
 
 import dge
 from dge.modeling.backbone import convert, d2  # (also registers the timm models)
+from dge.engine import setup_dge_logger
 
-logger = logging.getLogger("convert_pretrained")
+logger = logging.getLogger("dge.convert_pretrained")
 
 
 def checkpoint_img_size(state_dict, family: str) -> Optional[int]:
@@ -131,5 +132,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_dge_logger()
     sys.exit(main())

@@ -44,6 +44,7 @@ import torch
 
 
 import dge  # noqa: F401  (registration)
+from dge.engine import setup_dge_logger
 from dge.analysis.calibration import calibrate, randomize_routers
 from dge.config import load_config
 from dge.data import iter_images
@@ -51,6 +52,7 @@ from dge.export import (
     FILE_SUFFIXES,
     FORMATS,
     ExportError,
+    check_detectron2_format,
     ExportedModel,
     RoutedOutputs,
     binary_differences,
@@ -145,8 +147,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.opts[:1] == ["--"]:  # "--check A B -- KEY VALUE": the overrides after the images
         args.opts = args.opts[1:]
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    setup_dge_logger()
     torch.manual_seed(0)
+    if args.config_file and args.what == "model":
+        try:
+            for fmt in args.format or []:
+                check_detectron2_format(fmt)
+        except ValueError as e:
+            parser.error(str(e))
 
     if args.swap_check and (args.what == "model" and not args.timm_model or not args.check):
         parser.error("--swap-check takes a backbone or a timm model (--what backbone / --timm-model) and --check images")

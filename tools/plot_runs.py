@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 
 
 from dge.analysis.plots import plot_layer_betas, plot_metric_vs_budget
+from dge.engine import setup_dge_logger
 
 logger = logging.getLogger("dge.plot_runs")
 
@@ -141,7 +142,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> Dict:
     parser = get_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_dge_logger()
     if args.labels is not None and len(args.labels) != len(args.runs):
         parser.error(f"--labels needs one label per run: {len(args.runs)} runs, {len(args.labels)} labels")
     runs = [read_run(folder, args.metric, args.select) for folder in args.runs]

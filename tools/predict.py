@@ -14,8 +14,7 @@ import os
 import cv2
 import tqdm
 from detectron2.data import MetadataCatalog
-from dge.engine import Predictor
-from detectron2.utils.logger import setup_logger
+from dge.engine import Predictor, setup_dge_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import dge  # noqa: F401  (registration)
@@ -35,7 +34,7 @@ def main(argv=None):
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
-    setup_logger(name="dge")
+    setup_dge_logger()
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     if not cfg.MODEL.WEIGHTS:

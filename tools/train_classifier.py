@@ -10,9 +10,11 @@
 
 
 from dge.classification import parse_args, run
+from dge.engine import setup_dge_logger
 
 
 def main(argv=None):
+    setup_dge_logger()
     return run(parse_args(argv))
 
 

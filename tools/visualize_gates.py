@@ -16,12 +16,12 @@ import logging
 import os
 
 import tqdm
-from dge.engine import Predictor
-from detectron2.utils.logger import setup_logger
+from dge.engine import Predictor, setup_dge_logger
 
 import dge  # noqa: F401
 from dge.config import load_config
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
+from dge.layers import record_routing
 from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
 
 logger = logging.getLogger("dge.visualize_gates")
@@ -33,7 +33,7 @@ def main(argv=None):
     add_image_arguments(parser, output="output/gates")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
-    setup_logger(name="dge")
+    setup_dge_logger()
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
@@ -45,11 +45,12 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     summary = {}
     for name, bgr in tqdm.tqdm(list(iter_images(inputs, args.dataset, args.max_images)), desc="gate maps"):
-        predictions = predictor(bgr)
+        with record_routing() as record:
+            predictions = predictor(bgr)
         resized = predictor.aug.get_transform(bgr).apply_image(bgr)
         h, w = resized.shape[:2]
         padded = (-(-h // div) * div, -(-w // div) * div)
-        stages = stage_gate_maps(model.backbone, padded)
+        stages = stage_gate_maps(model.backbone, record, padded)
         if not stages:
             raise ValueError(f"the model of {args.config_file} has no DGE blocks (MODEL.DGE.ENABLED is off)")
         stats = {k: float(v) for k, v in predictions.get("dge", {}).items()}

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layers import complexity_report, dge_modules, dge_stages
+from ..layers import RoutingRecord, complexity_report, dge_modules, dge_stages, record_routing
 
 __all__ = ["randomize_routers", "set_logit_offset", "calibrate", "block_flops", "stage_groups"]
 
@@ -44,9 +44,10 @@ def _bias_setter(model: nn.Module) -> Callable[[nn.Module, Sequence[float]], Non
     return apply
 
 
-def block_flops(model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dynamic, static) multiply-adds per DGE block [L], summed over the images of the last forward."""
-    report = complexity_report(model)
+def block_flops(model: nn.Module, record: RoutingRecord) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dynamic, static) multiply-adds per DGE block of ``model`` [L], summed over the images
+    of the forward in ``record``."""
+    report = complexity_report(record, model)
     return report.dynamic_flops.sum(dim=1), report.static_flops * report.dynamic_flops.shape[1]
 
 
@@ -70,8 +71,8 @@ def calibrate(
     one shared offset on the model's β, one per router (``per_block``) on its own block's β,
     or one per group of blocks (``groups``, e.g. ``stage_groups``) on the group's β.
 
-    ``run()`` runs the model on the calibration inputs; it returns None (β is read from the
-    last forward) or ``block_flops``-like (dynamic [L], static [L]) sums over several forwards.
+    ``run()`` runs the model on the calibration inputs; it returns None (β is read from its
+    forward) or ``block_flops``-like (dynamic [L], static [L]) sums over several forwards.
     ``apply(model, offsets)`` puts absolute per-router offsets in place: by default on the
     finest-choice biases (untrained models, ``tools/benchmark.py``), or the routers' inference
     budget (``dge.layers.set_budget_offsets``). Returns (offsets per group, β of the last run),
@@ -89,8 +90,9 @@ def calibrate(
             for i in group:
                 per_block_offsets[i] = offset
         apply(model, per_block_offsets)
-        out = run()
-        dynamic, static = out if isinstance(out, tuple) else block_flops(model)
+        with record_routing() as record:
+            out = run()
+        dynamic, static = out if isinstance(out, tuple) else block_flops(model, record)
         beta = (dynamic.sum() / static.sum()).item()
         for k, group in enumerate(groups):
             if (dynamic[group].sum() / static[group].sum()).item() > target:

@@ -30,12 +30,11 @@ from typing import Any, Callable, Dict, List
 
 import fvcore.nn
 import numpy as np
-import torch
 from detectron2.utils import analysis as detectron2_analysis  # activation / parameter counts too
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from ..layers import DynamicGrainedEncoder
+from ..layers import record_routing
 
 __all__ = [
     "CATEGORIES",
@@ -154,19 +153,11 @@ class FlopCountAnalysis(detectron2_analysis.FlopCountAnalysis):
         return "model." + name if name else "model"
 
     def __init__(self, model: nn.Module, inputs: Any):
-        blocks = [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
-
         def inference(module, *args):
             # Every DGE block's routing map becomes an output: it keeps the router live.
-            maps: List[torch.Tensor] = []
-            record = lambda m, i, o: maps.append(m.last_routing.granularity_map)  # noqa: E731
-            hooks = [b.register_forward_hook(record) for b in blocks]
-            try:
+            with record_routing() as record:
                 out = module(*args)
-            finally:
-                for h in hooks:
-                    h.remove()
-            return out, maps
+            return out, [info.granularity_map for info in record.infos]
 
         wrapper = detectron2_analysis.TracingAdapter(model, inputs, inference_func=inference, allow_non_tensor=True)
         # detectron2's __init__ builds the same adapter without the routing outputs.

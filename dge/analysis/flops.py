@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers import DynamicGrainedEncoder, complexity_report, dge_stages, force_granularity, specialize_to_input
+from ..layers import (
+    DynamicGrainedEncoder,
+    RoutingRecord,
+    complexity_report,
+    dge_stages,
+    force_granularity,
+    record_routing,
+    specialize_to_input,
+)
 from .flop_count import CATEGORIES, FlopCountAnalysis
 
 __all__ = [
@@ -160,8 +168,10 @@ def outside_dge_flops(model: nn.Module, input_size: Tuple[int, int, int]) -> Tup
         device = next(model.parameters()).device
         image = torch.zeros((1,) + tuple(input_size), device=device)
         analysis = FlopCountAnalysis(model, image).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        outside = analysis.total() - sum(analysis.total(FlopCountAnalysis.traced_name(n)) for n in blocks)
-        static = outside + (float(sum(complexity_report(model).static)) if blocks else 0.0)
+        with record_routing() as record:
+            total = analysis.total()
+        outside = total - sum(analysis.total(FlopCountAnalysis.traced_name(n)) for n in blocks)
+        static = outside + (float(sum(complexity_report(record, model).static)) if blocks else 0.0)
     finally:
         model.train(was_training)
     return float(outside), float(static)
@@ -208,13 +218,14 @@ def _describe(inputs: Any, index: int = 0) -> Tuple[str, Tuple[int, ...]]:
     return f"input {index}", tuple(first.shape) if isinstance(first, torch.Tensor) else ()
 
 
-def _trace(model: nn.Module, inputs: Any) -> FlopCountAnalysis:
-    """A finished analysis (unsupported ops go to the report, not to warnings). The trace is
-    of this one image: DGE blocks take the shortcuts eager inference takes on it."""
+def _trace(model: nn.Module, inputs: Any) -> Tuple[FlopCountAnalysis, RoutingRecord]:
+    """A finished analysis (unsupported ops go to the report, not to warnings) and the
+    routing of its one forward. The trace is of this one image: DGE blocks take the
+    shortcuts eager inference takes on it."""
     analysis = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with specialize_to_input():
+    with specialize_to_input(), record_routing() as record:
         analysis.total()
-    return analysis
+    return analysis, record
 
 
 def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> ImageFlops:
@@ -235,13 +246,13 @@ def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> 
     was_training = model.training
     model.eval()
     try:
-        dynamic = _trace(model, inputs)
-        report = complexity_report(model) if has_dge else None  # before the static trace
+        dynamic, record = _trace(model, inputs)
+        report = complexity_report(record, model) if has_dge else None
         if report is not None and report.beta.numel() != 1:
             raise ValueError(f"per-image FLOPs trace one image at a time; got a batch of {report.beta.numel()}")
         if has_dge:
             with force_granularity(model, 1):
-                vanilla = _trace(model, inputs)
+                vanilla, _ = _trace(model, inputs)
         else:
             vanilla = dynamic
     finally:

@@ -5,7 +5,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..layers import dge_stages
+from ..layers import RoutingRecord, dge_stages
 
 __all__ = ["GRANULARITY_COLORS", "stage_gate_maps", "colorize_gates", "render_gate_figure"]
 
@@ -19,8 +19,9 @@ GRANULARITY_COLORS: Dict[int, Tuple[int, int, int]] = {
 }
 
 
-def stage_gate_maps(model: torch.nn.Module, image_hw: Tuple[int, int]) -> List[Dict]:
-    """Per stage, from the last forward of the DGE blocks in ``model``:
+def stage_gate_maps(model: torch.nn.Module, record: RoutingRecord, image_hw: Tuple[int, int]) -> List[Dict]:
+    """Per stage, from the forward of the DGE blocks in ``model`` that ``record``
+    (``dge.layers.record_routing``) holds:
 
     ``{"stage": name, "maps": [B, L, Hr, Wr] long (φ per region, one per block),
     "region_px": (h, w) pixels of one region in the input tensor, "granularities": Φ,
@@ -31,7 +32,7 @@ def stage_gate_maps(model: torch.nn.Module, image_hw: Tuple[int, int]) -> List[D
     """
     out = []
     for stage, layers in dge_stages(model).items():
-        routings = [m.last_routing for _, _, m in layers]
+        routings = [record.of(m) for _, _, m in layers]
         first = layers[0][2]
         h, w = routings[0].hw
         stride = (image_hw[0] / h, image_hw[1] / w)

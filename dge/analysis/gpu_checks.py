@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
+from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, record_routing
 from dge.layers import attention as attention_module
 from dge.layers.grained import QueryRows
 
@@ -69,6 +69,13 @@ def host_gumbel_noise(seed: int) -> Iterator[None]:
         torch.rand_like = rand_like
 
 
+def _routed(layer: DynamicGrainedEncoder, x: torch.Tensor):
+    """(output, RoutingInfo) of one forward of a DGE block on 32×32 tokens."""
+    with record_routing() as record:
+        out = layer(x, (32, 32))
+    return out, record.of(layer)
+
+
 def block_training_step(device, dtype, packed: bool = True, alone: bool = False, seed: int = 5) -> Dict[str, torch.Tensor]:
     """One training step of a DGE block (SR attention, 2 heads of 32 channels, Φ = {1, 2, 4})
     on 3 images of 32×32 tokens that keep different query counts: the output ("out"), the
@@ -89,7 +96,7 @@ def block_training_step(device, dtype, packed: bool = True, alone: bool = False,
         attention_module.packed_attention_available = lambda *args: False
     try:
         with host_gumbel_noise(seed):
-            runs = [(layer(part, (32, 32)), layer.last_routing) for part in parts]
+            runs = [_routed(layer, part) for part in parts]
     finally:
         attention_module.packed_attention_available = available
     y = torch.cat([out for out, _ in runs])

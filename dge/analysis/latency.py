@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 
 from dge.data import DEFAULT_PHOTOS, iter_images
 from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module
-from dge.layers import BudgetLoss, complexity_report, dge_modules
+from dge.layers import BudgetLoss, complexity_report, dge_modules, record_routing
 
 from .calibration import randomize_routers
 
@@ -211,10 +211,13 @@ def with_precision(fn, device: torch.device, precision: str):
 def precision_check(backbone, x, device, precision: str) -> dict:
     """The backbone under autocast against float32 on ``x``: largest difference of the output
     maps relative to their largest value, and β of both."""
-    reference = backbone(x)
-    beta32 = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
-    out = with_precision(lambda: backbone(x), device, precision)()
-    beta = complexity_report(backbone).beta.mean().item() if dge_modules(backbone) else None
+    with record_routing() as record32:
+        reference = backbone(x)
+    with record_routing() as record:
+        out = with_precision(lambda: backbone(x), device, precision)()
+    has_dge = bool(dge_modules(backbone))
+    beta32 = complexity_report(record32, backbone).beta.mean().item() if has_dge else None
+    beta = complexity_report(record, backbone).beta.mean().item() if has_dge else None
     diff = max(float((out[k].float() - v).abs().max() / v.abs().max()) for k, v in reference.items())
     return {"max_rel_diff_to_fp32": diff, "beta_fp32": beta32, "beta": beta}
 
@@ -232,10 +235,11 @@ def train_step(backbone, x, budget):
     optimizer = torch.optim.AdamW(backbone.parameters(), lr=1e-6)
 
     def step():
-        outputs = backbone(x)
+        with record_routing() as record:
+            outputs = backbone(x)
         loss = sum(v.float().mean() for v in outputs.values())
         if budget is not None:
-            loss = loss + BudgetLoss(budget)(backbone)[0]
+            loss = loss + BudgetLoss(budget)(backbone, record)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

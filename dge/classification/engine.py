@@ -10,7 +10,7 @@ from timm.data import Mixup
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import BudgetLoss, complexity_report, routing_stats
+from ..layers import BudgetLoss, complexity_report, record_routing, routing_stats
 from .distributed import all_reduce_sums
 
 __all__ = ["unwrap", "train_one_epoch", "evaluate"]
@@ -85,8 +85,9 @@ def train_one_epoch(
 def _losses(model, core, images, targets, criterion, budget: BudgetLoss) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The loss of one batch (task loss + the budget loss of Eq. 8 with DGE blocks) and its
     scalars on the device: loss_cls, loss_budget, the routing statistics (batch means), loss."""
-    loss = loss_cls = criterion(model(images), targets)
-    loss_budget, stats = budget(core)  # None without DGE blocks
+    with record_routing() as record:
+        loss = loss_cls = criterion(model(images), targets)
+    loss_budget, stats = budget(core, record)  # None without DGE blocks
     scalars = {"loss_cls": loss_cls}
     if stats is not None:
         loss = loss + loss_budget
@@ -126,7 +127,8 @@ def evaluate(
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
+        with record_routing() as record:
+            logits = model(images)
         n = images.shape[0]
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -135,9 +137,9 @@ def evaluate(
         sums["acc5"] += hits.any(dim=1).sum().item() * 100.0
         sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
         sums["gflops"] += outside_flops * n / 1e9
-        stats = routing_stats(core)  # None without DGE blocks
+        stats = routing_stats(core, record)  # None without DGE blocks
         if stats is not None:
-            report = complexity_report(core)
+            report = complexity_report(record, core)
             sums["gflops"] += report.dynamic_flops.sum().item() / 1e9
             for key, v in stats.items():
                 sums[key] += v.sum().item()

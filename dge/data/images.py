@@ -1,5 +1,6 @@
 """Images for the tools: files, folders, registered datasets, or the real photographs that
 scikit-image ships (``skimage:chelsea``)."""
+import logging
 import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -9,6 +10,7 @@ __all__ = ["DEFAULT_PHOTOS", "UnreadableImage", "add_image_arguments", "iter_ima
 
 # Real photographs inside the scikit-image package (no download).
 DEFAULT_PHOTOS = ("skimage:chelsea", "skimage:astronaut", "skimage:coffee", "skimage:rocket")
+logger = logging.getLogger(__name__)
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -30,18 +32,7 @@ def _read_bgr(path: str) -> np.ndarray:
     return image
 
 
-def iter_images(
-    inputs: Sequence[str] = (),
-    dataset: Optional[str] = None,
-    max_images: Optional[int] = None,
-    skipped: Optional[List[str]] = None,
-) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yields (name, BGR uint8 [H, W, 3]) for each input: an image file, a folder (its
-    images, sorted), ``skimage:NAME`` (``skimage.data.NAME()``), then the images of the
-    registered ``dataset``; at most ``max_images`` in all. A file that does not decode
-    completely raises ``UnreadableImage``, or, with a ``skipped`` list, is appended to it
-    (with why) and skipped."""
-    count = 0
+def _sources(inputs: Sequence[str], dataset: Optional[str]) -> List[str]:
     sources = []
     for item in inputs:
         if item.startswith("skimage:"):
@@ -56,27 +47,69 @@ def iter_images(
         from detectron2.data import DatasetCatalog
 
         sources += [d["file_name"] for d in DatasetCatalog.get(dataset)]
+    return sources
+
+
+def _unique_names(sources: Sequence[str]) -> List[str]:
+    """The sources' names (file stems; NAME of skimage:NAME), made unique: a stem an earlier
+    source has gets _2, _3, ... (``x.png``, ``x.jpg`` -> x, x_2), said in one warning."""
+    names, used, renamed = [], set(), []
     for src in sources:
+        base = src.split(":", 1)[1] if src.startswith("skimage:") else os.path.splitext(os.path.basename(src))[0]
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        names.append(name)
+        if name != base:
+            renamed.append(f"{src} as {name!r}")
+    if renamed:
+        more = f" and {len(renamed) - 5} more" if len(renamed) > 5 else ""
+        logger.warning(
+            f"{len(renamed)} inputs have the name of an earlier one; so that no output is overwritten they are "
+            f"named apart: {', '.join(renamed[:5])}{more}"
+        )
+    return names
+
+
+def _load(src: str) -> np.ndarray:
+    if not src.startswith("skimage:"):
+        return _read_bgr(src)
+    import skimage.data
+
+    name = src.split(":", 1)[1]
+    if not hasattr(skimage.data, name):
+        raise ValueError(f"scikit-image ships no image {name!r}")
+    rgb = getattr(skimage.data, name)()
+    rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def iter_images(
+    inputs: Sequence[str] = (),
+    dataset: Optional[str] = None,
+    max_images: Optional[int] = None,
+    skipped: Optional[List[str]] = None,
+) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yields (name, BGR uint8 [H, W, 3]) for each input: an image file, a folder (its
+    images, sorted), ``skimage:NAME`` (``skimage.data.NAME()``), then the images of the
+    registered ``dataset``; at most ``max_images`` in all. Names are the file stems, unique
+    (``_unique_names``). A file that does not decode completely raises ``UnreadableImage``,
+    or, with a ``skipped`` list, is appended to it (with why) and skipped."""
+    sources = _sources(inputs, dataset)
+    count = 0
+    for src, name in zip(sources, _unique_names(sources)):
         if max_images is not None and count >= max_images:
             return
-        if src.startswith("skimage:"):
-            import skimage.data
-
-            name = src.split(":", 1)[1]
-            if not hasattr(skimage.data, name):
-                raise ValueError(f"scikit-image ships no image {name!r}")
-            rgb = getattr(skimage.data, name)()
-            rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]
-            yield name, np.ascontiguousarray(rgb[..., ::-1])
-        else:
-            try:
-                image = _read_bgr(src)
-            except UnreadableImage as e:
-                if skipped is None:
-                    raise
-                skipped.append(str(e))
-                continue
-            yield os.path.splitext(os.path.basename(src))[0], image
+        try:
+            image = _load(src)
+        except UnreadableImage as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            continue
+        yield name, image
         count += 1
 
 

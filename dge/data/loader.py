@@ -18,13 +18,14 @@ The checkpoint thus needs the seed and the iteration only; every rank recomputes
 position. Worker count may differ between the runs.
 """
 import itertools
+import json
 import logging
 import random
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.data.build import worker_init_reset_seed
 from detectron2.data.common import DatasetFromList
 from detectron2.utils import comm
@@ -171,11 +172,21 @@ class _LazyIterator:
         return next(self.iterator)
 
 
+def dataset_records(names: Sequence[str], **kwargs) -> List[dict]:
+    """detectron2's ``get_detection_dataset_dicts(names, **kwargs)``; an annotation file that
+    is not valid JSON is named in the error (pycocotools' JSONDecodeError does not)."""
+    try:
+        return get_detection_dataset_dicts(list(names), **kwargs)
+    except json.JSONDecodeError as e:
+        files = [f for f in (MetadataCatalog.get(n).get("json_file") for n in names) if f]
+        raise ValueError(f"the annotation file {' or '.join(files) or '?'} of dataset {', '.join(names)} is not valid JSON: {e}") from e
+
+
 def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = None) -> ResumableLoader:
     """detectron2's training set of ``cfg.DATASETS.TRAIN`` (same filtering), validated
     (``dge.data.validation``), as a ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0,
     else one drawn and shared by all ranks (the trainer keeps it in its checkpoints)."""
-    records = get_detection_dataset_dicts(
+    records = dataset_records(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
@@ -204,7 +215,7 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = No
 def validated_test_records(cfg, dataset_name: str) -> List[dict]:
     """The records of an evaluation dataset, checked (``dge.data.validation``; image checks
     are cached, so checking before training and again at evaluation reads nothing twice)."""
-    records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    records = dataset_records([dataset_name], filter_empty=False)
     validate_records(records, dataset_name, cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE)
     return records
 

@@ -1,14 +1,48 @@
-"""A DetectionCheckpointer whose files are never half-written."""
+"""A DetectionCheckpointer whose files are never half-written, that names the file and the
+cause of a failed read or write, and that refuses weights trained under other DGE options."""
+import glob
 import os
+from typing import Dict, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
-from ..layers import is_router_state
+from ..layers import dge_modules, is_router_state
 
-__all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text"]
+__all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text", "routing_options", "remove_unfinished_writes"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
+ROUTING_KEY = "dge_routing"  # the checkpoint entry of ``routing_options``
+
+
+def routing_options(model: nn.Module) -> List[Dict]:
+    """The options of the model's DGE blocks that its router weights depend on (Φ, region
+    size, routing kind): one entry per distinct set, in forward order ([] without DGE)."""
+    found: List[Dict] = []
+    for m in dge_modules(model):
+        entry = {"granularities": list(m.granularities), "region_size": m.region_size, "routing": m.routing}
+        if entry not in found:
+            found.append(entry)
+    return found
+
+
+def _describe(options: List[Dict]) -> str:
+    return "; ".join(
+        f"granularities {o['granularities']}, region size {o['region_size']}, routing {o['routing']!r}" for o in options
+    )
+
+
+def _first_os_error(error: BaseException):
+    """The first OSError in ``error``'s chain (torch.save reports a full disk as a RuntimeError
+    whose cause is the OSError), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _atomic_write(path: str, mode: str, write) -> None:
@@ -21,10 +55,23 @@ def _atomic_write(path: str, mode: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # no partial file stays behind to fill the disk
+    except BaseException as e:  # no partial file stays behind to fill the disk
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = _first_os_error(e)
+        if cause is not None:
+            raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}") from e
         raise
+
+
+def remove_unfinished_writes(folder: str) -> List[str]:
+    """Removes the checkpoint files (``*.pth.tmp``, ``last_checkpoint.tmp``) that an
+    interrupted ``atomic_save`` left in ``folder`` (a process killed mid-write); returns
+    their paths."""
+    stale = sorted(glob.glob(os.path.join(folder, "*.pth.tmp")) + glob.glob(os.path.join(folder, "last_checkpoint.tmp")))
+    for path in stale:
+        os.remove(path)
+    return stale
 
 
 def atomic_save(obj, path: str) -> None:
@@ -73,11 +120,35 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.allow_partial = allow_partial
 
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except Exception as e:  # torch's message (a zip reader's) does not name the file
+            raise RuntimeError(
+                f"cannot read the checkpoint {filename} (truncated, or not a checkpoint): {type(e).__name__}: {e}"
+            ) from e
+
+    def _check_routing_options(self, checkpoint) -> None:
+        """Router weights trained under one Φ / region size / routing kind route differently
+        under another of the same tensor shapes: refused unless ``allow_partial``."""
+        saved, here = checkpoint.get(ROUTING_KEY), routing_options(self.model)
+        if not saved or not here or saved == here:
+            return
+        message = (
+            f"the checkpoint was trained with DGE {_describe(saved)}; this model has {_describe(here)} "
+            "(MODEL.DGE.GRANULARITIES / REGION_SIZE / ROUTING)"
+        )
+        if not self.allow_partial:
+            raise ValueError(f"{message}: set them as the checkpoint has them, or MODEL.ALLOW_PARTIAL_WEIGHTS True to load anyway")
+        self.logger.warning(f"{message}; loaded anyway (MODEL.ALLOW_PARTIAL_WEIGHTS)")
+
     def _load_model(self, checkpoint):
         """detectron2's loading, then: a file that gives the backbone (almost) none of its
-        tensors stops with what it holds and what the model expected, unless
-        ``allow_partial`` (MODEL.ALLOW_PARTIAL_WEIGHTS); otherwise one line says how much
-        of the backbone and of the rest it loaded."""
+        tensors, or whose routers were trained under other DGE options, stops with what it
+        holds and what the model expected, unless ``allow_partial``
+        (MODEL.ALLOW_PARTIAL_WEIGHTS); otherwise one line says how much of the backbone and
+        of the rest it loaded."""
+        self._check_routing_options(checkpoint)
         held = list(checkpoint.get("model", {}))
         incompatible = super()._load_model(checkpoint)
         self.last_incompatible = incompatible
@@ -100,7 +171,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        data = {"model": self.model.state_dict(), ROUTING_KEY: routing_options(self.model)}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)

@@ -3,12 +3,13 @@ and a fixed routing for all of them (``force_granularity``)."""
 import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .encoder import DynamicGrainedEncoder
+from .routing import RoutingInfo, RoutingRecord, record_routing
 
 __all__ = [
     "BudgetLoss",
@@ -19,6 +20,7 @@ __all__ = [
     "force_granularity",
     "routing_stats",
     "budget_loss",
+    "beta_range",
 ]
 
 
@@ -40,7 +42,7 @@ def dge_stages(model: nn.Module) -> Dict[str, List[Tuple[int, str, DynamicGraine
 
 @dataclass
 class ComplexityReport:
-    """β of the last forward.
+    """β of a forward (``complexity_report``).
 
     Attributes:
         beta: [B] Σ_l dynamic_l / Σ_l static_l per image; in training its gradient is the
@@ -72,43 +74,59 @@ class ComplexityReport:
         return self.dynamic_flops[list(rows)].sum(0) / sum(self.static[i] for i in rows)
 
 
-def complexity_report(model_or_blocks: Union[nn.Module, Iterable[DynamicGrainedEncoder]]) -> ComplexityReport:
-    """β of the last forward of a model (or of the given DGE blocks). Raises if a block has
-    not run since it was built."""
-    if isinstance(model_or_blocks, nn.Module):
-        named = [(n, m) for n, m in model_or_blocks.named_modules() if isinstance(m, DynamicGrainedEncoder)]
-    else:
-        named = [(str(i), m) for i, m in enumerate(model_or_blocks)]
-    if not named:
+def _entries(record: RoutingRecord, model: Optional[nn.Module]) -> List[Tuple[str, DynamicGrainedEncoder, RoutingInfo]]:
+    """(name, block, routing) of the calls in ``record``: of ``model``'s DGE blocks (each must
+    have run) when a model is given, else of every call (names are indices)."""
+    if model is None:
+        entries = [(str(i), b, info) for i, (b, info) in enumerate(record)]
+        if not entries:
+            raise RuntimeError("no DGE block ran inside this record_routing()")
+        return entries
+    names = {m: n for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)}
+    if not names:
         raise ValueError("the model has no DynamicGrainedEncoder blocks: no complexity ratio to compute")
-    missing = [n for n, m in named if m.last_routing is None]
+    entries = [(names[b], b, info) for b, info in record if b in names]
+    missing = sorted(set(names.values()) - {n for n, _, _ in entries})
     if missing:
-        raise RuntimeError(f"DGE blocks {missing[:3]} have not run a forward yet")
-    dynamic = torch.stack([m.last_routing.dynamic_flops() for _, m in named])
-    static = [m.last_routing.static_flops() for _, m in named]
+        raise RuntimeError(
+            f"DGE blocks {missing[:3]} did not run inside this record_routing() (run the model inside "
+            "`with dge.layers.record_routing() as record:`)"
+        )
+    return entries
+
+
+def complexity_report(record: RoutingRecord, model: Optional[nn.Module] = None) -> ComplexityReport:
+    """β of the forwards in ``record`` (``dge.layers.record_routing``): of ``model``'s DGE
+    blocks, named as in it, when given; else of every DGE block call in the record."""
+    return _report(_entries(record, model))
+
+
+def _report(entries: List[Tuple[str, DynamicGrainedEncoder, RoutingInfo]]) -> ComplexityReport:
+    dynamic = torch.stack([info.dynamic_flops() for _, _, info in entries])
+    static = [info.static_flops() for _, _, info in entries]
     return ComplexityReport(
         beta=dynamic.sum(dim=0) / sum(static),  # Eq. 7
         dynamic_flops=dynamic,
         static=static,
-        names=[n for n, _ in named],
+        names=[n for n, _, _ in entries],
     )
 
 
-def routing_stats(model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
-    """Per-image statistics of the last forward of the DGE blocks in ``model``:
+def routing_stats(model: nn.Module, record: RoutingRecord) -> Optional[Dict[str, torch.Tensor]]:
+    """Per-image statistics of the DGE blocks of ``model`` in the forwards of ``record``:
     ``beta`` [B], ``beta_stage{k}`` [B] (k = 1.. in forward order) and ``share_phi{g}`` [B],
     the share of regions at granularity g. None when the model has no DGE block."""
     stages = dge_stages(model)
     if not stages:
         return None
-    report = complexity_report(model)
+    entries = _entries(record, model)
+    report = _report(entries)
+    stage_of = {name: k for k, layers in enumerate(stages.values(), start=1) for _, name, _ in layers}
     stats = OrderedDict(beta=report.beta)
-    for k, layers in enumerate(stages.values(), start=1):
-        stats[f"beta_stage{k}"] = report.group_beta([i for i, _, _ in layers])
-    named = [m for layers in stages.values() for _, _, m in layers]
-    maps = [m.last_routing.granularity_map.flatten(1) for m in named]
-    all_maps = torch.cat(maps, dim=1)
-    for g in sorted({g for m in named for g in m.granularities}):
+    for k in range(1, len(stages) + 1):
+        stats[f"beta_stage{k}"] = report.group_beta([i for i, n in enumerate(report.names) if stage_of[n] == k])
+    all_maps = torch.cat([info.granularity_map.flatten(1) for _, _, info in entries], dim=1)
+    for g in sorted({g for _, b, _ in entries for g in b.granularities}):
         stats[f"share_phi{g}"] = (all_maps == g).float().mean(dim=1)
     return stats
 
@@ -144,9 +162,12 @@ class BudgetLoss:
     def __post_init__(self):
         budget_loss(torch.zeros(1), self.budget, self.weight)  # the same checks and messages
 
-    def __call__(self, model: nn.Module) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
-        """(λ(β̄ − γ)², ``routing_stats(model)``) of the last forward; (None, None) without DGE blocks."""
-        stats = routing_stats(model)
+    def __call__(
+        self, model: nn.Module, record: RoutingRecord
+    ) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+        """(λ(β̄ − γ)², ``routing_stats(model, record)``) of the forward in ``record``; (None,
+        None) without DGE blocks."""
+        stats = routing_stats(model, record)
         if stats is None:
             return None, None
         return budget_loss(stats["beta"], self.budget, self.weight), stats  # Eq. 8
@@ -200,3 +221,23 @@ def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Ite
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def beta_range(model: nn.Module, run: Callable[[], object]) -> Tuple[float, float]:
+    """(β with every region of every DGE block at its block's coarsest choice (0, "skip",
+    where Φ has it, else max Φ), β with every region at its finest φ > 0) of ``run()``, a
+    forward of ``model`` (mean over its images): the budgets the routers can reach."""
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)}
+
+    def beta_at(pick: Callable[[Tuple[int, ...]], int]) -> float:
+        def spec(name: str, regions: Tuple[int, int]) -> torch.Tensor:
+            return torch.full(regions, pick(blocks[name].granularities), dtype=torch.long)
+
+        with force_granularity(model, spec), record_routing() as record:
+            run()
+        return float(complexity_report(record, model).beta.mean())
+
+    coarsest = beta_at(lambda phi: 0 if 0 in phi else max(phi))
+    finest = beta_at(lambda phi: min(g for g in phi if g > 0))
+    return coarsest, finest

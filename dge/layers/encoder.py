@@ -19,11 +19,11 @@ from .grained import (
 )
 from .keys import map_block_keys
 from .router import GrainedRouter
+from .routing import RoutingInfo, add_routing
 
 __all__ = [
     "DGEOptions",
     "DynamicGrainedEncoder",
-    "RoutingInfo",
     "ROUTING_KINDS",
     "ACCOUNTING_DTYPE",
     "is_capturing",
@@ -55,43 +55,6 @@ def specialize_to_input() -> Iterator[None]:
         yield
     finally:
         _specialized[0] = previous
-
-
-@dataclass
-class RoutingInfo:
-    """What one forward of a DGE block decided, and what it cost.
-
-    Attributes:
-        granularity_map: [B, Hr, Wr] long, φ chosen per region.
-        num_queries: [B] long, spatial queries per image (extra tokens excluded).
-        query_count: [B] float32 ψ of Eq. 7: forward the hard count, backward the
-            straight-through soft count Σ p_i·n_i (differentiable in training).
-        hw: (H, W) of the feature map; num_extra: E extra tokens.
-        router_flops: multiply-adds of the router (0 when the map was given).
-        block_cost: (fixed, per_query) multiply-adds of the vanilla block.
-    """
-
-    granularity_map: torch.Tensor
-    num_queries: torch.Tensor
-    query_count: torch.Tensor
-    hw: Tuple[int, int]
-    num_extra: int
-    router_flops: float
-    block_cost: Tuple[float, float]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.hw[0] * self.hw[1]
-
-    def dynamic_flops(self) -> torch.Tensor:
-        """[B] multiply-adds of this DGE block per image (router included)."""
-        fixed, per_query = self.block_cost
-        return fixed + self.router_flops + per_query * (self.query_count + self.num_extra)
-
-    def static_flops(self) -> float:
-        """Multiply-adds of the vanilla block on the same input."""
-        fixed, per_query = self.block_cost
-        return fixed + per_query * (self.num_tokens + self.num_extra)
 
 
 def _check_granularities(granularities: Sequence[int], region_size: Optional[int]) -> Tuple[int, ...]:
@@ -187,7 +150,8 @@ class DynamicGrainedEncoder(nn.Module):
             initialisation), or just Φ; keyword arguments of its fields override it.
         num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
 
-    After each forward ``last_routing`` holds a ``RoutingInfo``.
+    Each forward hands its ``RoutingInfo`` to the open ``dge.layers.record_routing()``
+    records of its caller; the module keeps none.
     """
 
     def __init__(
@@ -214,7 +178,6 @@ class DynamicGrainedEncoder(nn.Module):
         fine = self.granularities.index(min(g for g in self.granularities if g > 0))
         self.router = GrainedRouter(dim, k, fine_index=fine, init_fine_prob=options.init_fine_prob) if k > 1 else None
         self.register_buffer("_phi", torch.tensor(self.granularities), persistent=False)
-        self.last_routing: Optional[RoutingInfo] = None
 
     def extra_repr(self) -> str:
         return (
@@ -298,7 +261,7 @@ class DynamicGrainedEncoder(nn.Module):
         if chosen_p is not None:
             soft = (chosen_p * per_region).sum(dim=1)
             query_count = query_count + soft - soft.detach()  # Eq. 7, straight-through
-        self.last_routing = RoutingInfo(
+        add_routing(self, RoutingInfo(
             granularity_map=gmap,
             num_queries=num_queries,
             query_count=query_count,
@@ -306,7 +269,7 @@ class DynamicGrainedEncoder(nn.Module):
             num_extra=e,
             router_flops=self.router.flops(layout.num_regions) if use_router else 0.0,
             block_cost=self.block.complexity(hw, e),
-        )
+        ))
         return out
 
     def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:

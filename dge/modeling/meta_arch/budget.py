@@ -10,14 +10,14 @@ in the forward), else in the forward; in inference it attaches each image's β t
 MODEL.DGE.INFERENCE_BUDGET β, inference runs the routers with the offsets calibrated for β
 (``tools/calibrate_budget.py``), put in use when the weights are loaded.
 """
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, SemanticSegmentor
 from detectron2.utils.events import get_event_storage
 
-from ...layers import BudgetLoss, check_budget, routing_stats, use_budget
+from ...layers import BudgetLoss, beta_range, check_budget, dge_modules, record_routing, use_budget
 
 __all__ = ["BudgetLossMixin", "DGERCNN", "DGESemanticSegmentor"]
 
@@ -71,8 +71,9 @@ class BudgetLossMixin:
                 f"MODEL.DGE.INFERENCE_BUDGET {self.inference_budget:g} takes its router offsets from MODEL.WEIGHTS, "
                 "and no weights were loaded: give a checkpoint written by tools/calibrate_budget.py"
             )
-        outputs = super().forward(batched_inputs)
-        loss, stats = self.budget_loss(self.backbone)
+        with record_routing() as record:  # this call's routing: a model shared by threads keeps them apart
+            outputs = super().forward(batched_inputs)
+        loss, stats = self.budget_loss(self.backbone, record)
         if stats is None:
             return outputs
         if self.training:
@@ -83,6 +84,37 @@ class BudgetLossMixin:
             return outputs
         return self.attach_routing_stats(outputs, stats)
 
+    @torch.no_grad()
+    def budget_warnings(self, image_hw: Tuple[int, int]) -> List[str]:
+        """What the budget loss cannot do on images of ``image_hw`` (H, W): move β at all (Φ
+        of one choice: no router), or reach γ (outside the β of the coarsest and the finest
+        routing, ``beta_range``); [] when it can. Runs the backbone twice in eval mode."""
+        blocks = dge_modules(self.backbone)
+        gamma = self.budget_loss.budget
+        if not blocks or self.budget_loss.weight == 0:
+            return []
+        div = max(self.backbone.size_divisibility, 1)
+        h, w = (-(-s // div) * div for s in image_hw)
+        x = torch.zeros(1, 3, h, w, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            low, high = beta_range(self.backbone, lambda: self.backbone(x))
+        finally:
+            self.train(was_training)
+        phi = sorted({g for m in blocks for g in m.granularities})
+        where = f"on {h}×{w} inputs: the budget loss cannot reach it"
+        if all(m.router is None for m in blocks):
+            return [
+                f"MODEL.DGE.GRANULARITIES {phi} is one choice: the DGE blocks have no router, β stays {low:.3f} "
+                f"and the budget loss (MODEL.DGE.BUDGET {gamma:g}) cannot move it"
+            ]
+        if gamma < low - 1e-3:
+            return [f"MODEL.DGE.BUDGET {gamma:g} is below β {low:.3f} of every region at the coarsest φ of {phi} {where}"]
+        if gamma > high + 1e-3:
+            return [f"MODEL.DGE.BUDGET {gamma:g} is above β {high:.3f} of every region at the finest φ of {phi} {where}"]
+        return []
+
     def write_routing_stats(self) -> None:
         """Puts the last training forward's routing statistics (batch means) in the event
         storage as ``dge/<name>``, read from the device in one transfer; then forgets them."""
@@ -91,11 +123,10 @@ class BudgetLossMixin:
             names, values = pending
             get_event_storage().put_scalars(**{f"dge/{k}": v for k, v in zip(names, values.tolist())})
 
-    def attach_routing_stats(self, outputs: List[Dict], stats: Optional[Dict[str, torch.Tensor]] = None) -> List[Dict]:
-        """Adds each image's β and routing statistics of the last forward to its output dict
+    def attach_routing_stats(self, outputs: List[Dict], stats: Optional[Dict[str, torch.Tensor]]) -> List[Dict]:
+        """Adds each image's β and routing statistics (``routing_stats``) to its output dict
         as ``out["dge"]``: 0-dim tensors (no device sync; export and tracing flatten them),
         which float(), format() and comparisons read as numbers."""
-        stats = routing_stats(self.backbone) if stats is None else stats
         for i, out in enumerate(outputs):
             out["dge"] = {k: v[i] for k, v in (stats or {}).items()}
         return outputs
