@@ -68,7 +68,10 @@ def test_weights_trained_under_another_granularity_set_are_refused(tmp_path):
     path = str(tmp_path / "demo.pth")
     AtomicCheckpointer(_demo_model(), save_dir=str(tmp_path)).save("demo")
     other = _demo_model("MODEL.DGE.GRANULARITIES", "[2, 4, 8]")  # the same gate shapes
-    message = r"trained with DGE granularities \[1, 2, 4\], region size 4.*this model has granularities \[2, 4, 8\], region size 8"
+    message = (
+        r"trained with DGE granularities \[1, 2, 4\], region size 4.*"
+        r"this model has granularities \[2, 4, 8\], region size 8"
+    )
     with pytest.raises(ValueError, match=message):
         AtomicCheckpointer(other).load(path)
     AtomicCheckpointer(other, allow_partial=True).load(path)  # said, then loaded
@@ -113,8 +116,8 @@ def test_inputs_of_the_same_name_get_outputs_of_their_own(tmp_path, caplog):
     "opts, message",
     [
         (("MODEL.DGE.GRANULARITIES", "[3]"), r"\[3\] is one choice: the DGE blocks have no router, β stays 0\.2"),
-        (("MODEL.DGE.BUDGET", "0.01"), r"BUDGET 0\.01 is below β 0\.\d+ of every region at the coarsest φ of \[1, 2, 4\]"),
-        (("MODEL.DGE.GRANULARITIES", "[2, 4]", "MODEL.DGE.BUDGET", "0.9"), r"BUDGET 0\.9 is above β 0\.\d+ of every region at the finest"),
+        (("MODEL.DGE.BUDGET", "0.01"), r"BUDGET 0\.01 is below β 0\.\d+ of every region at the coarsest φ of \[1, 2, 4"),
+        (("MODEL.DGE.GRANULARITIES", "[2, 4]", "MODEL.DGE.BUDGET", "0.9"), r"BUDGET 0\.9 is above β 0\.\d+ .* finest"),
     ],
 )
 def test_a_budget_the_routers_cannot_reach_is_said(opts, message):
@@ -138,17 +141,19 @@ def test_an_annotation_file_that_is_not_json_is_named(tmp_path):
 def test_a_whole_model_export_through_torch_export_says_torchscript(tmp_path, capsys):
     import export_model
 
-    out = tmp_path / "export"
+    out = str(tmp_path / "export")
     with pytest.raises(SystemExit):
-        export_model.main(["--config-file", DEMO, "--format", "exported", "--check", "skimage:coffee", "--output", str(out)])
-    assert re.search(r"a whole detectron2 model is not exported as 'exported'.*use --format torchscript", capsys.readouterr().err)
-    assert not out.exists()  # stopped before anything was traced or written
+        export_model.main(["--config-file", DEMO, "--format", "exported", "--check", "skimage:coffee", "--output", out])
+    message = r"a whole detectron2 model is not exported as 'exported'.*use --format torchscript"
+    assert re.search(message, capsys.readouterr().err)
+    assert not os.path.exists(out)  # stopped before anything was traced or written
 
 
 def test_a_full_disk_names_the_checkpoint_and_the_cause(tmp_path, monkeypatch):
     real = builtins.open
     # Writes of the checkpoint go to /dev/full: the real ENOSPC of a full disk.
-    monkeypatch.setattr(checkpoint_module, "open", lambda p, mode: real("/dev/full" if p.endswith(".tmp") else p, mode), raising=False)
+    full = lambda p, mode: real("/dev/full" if p.endswith(".tmp") else p, mode)  # noqa: E731
+    monkeypatch.setattr(checkpoint_module, "open", full, raising=False)
     with pytest.raises(OSError, match=f"could not write {tmp_path / 'model_0001.pth'}: No space left on device"):
         AtomicCheckpointer(torch.nn.Linear(64, 64), save_dir=str(tmp_path)).save("model_0001")
 

@@ -15,7 +15,8 @@ import statistics
 import torch
 
 from dge.analysis.latency import timed_interleaved
-from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, record_routing
+from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
+from dge.layers import record_routing
 
 
 def map_with_query_ratio(batch, regions_hw, ratio, region_size, generator):

@@ -21,7 +21,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, record_routing
+from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
+from dge.layers import record_routing
 from dge.layers import attention as attention_module
 from dge.layers.grained import QueryRows
 

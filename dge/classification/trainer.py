@@ -6,7 +6,8 @@ import argparse
 import os
 import random
 import time
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -173,16 +174,30 @@ def _datasets(args: argparse.Namespace, checkpoint: Optional[Dict], resume: Opti
     return classes, train_set, build_dataset(args.data_path, "val", None, classes)
 
 
-def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> Dict[str, float]:
-    say = log if env.is_main else (lambda msg: None)
-    _seed_everything(args.seed + env.rank)
+@dataclass
+class _Progress:
+    """Where training continues: the first epoch to run, the optimizer steps taken, the best top-1."""
+
+    epoch: int = 0
+    step: int = 0
+    best_acc1: float = 0.0
+
+
+def _batch_per_process(args: argparse.Namespace, env: DistEnv) -> int:
     if args.batch_size % env.world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {env.world_size} processes")
     batch = args.batch_size // env.world_size
-    mixup_on = not args.eval_only and (args.mixup > 0 or args.cutmix > 0)
-    if mixup_on and batch % 2:
+    if _mixup_on(args) and batch % 2:
         raise ValueError(f"mixup / cutmix need an even batch per process; got {batch} (--batch-size {args.batch_size})")
+    return batch
 
+
+def _mixup_on(args: argparse.Namespace) -> bool:
+    return not args.eval_only and (args.mixup > 0 or args.cutmix > 0)
+
+
+def _checkpoint(args: argparse.Namespace, say: Callable[[str], None]) -> Tuple[Optional[str], Optional[Dict]]:
+    """(path, contents) of the checkpoint to continue from, checked against the arguments; (None, None)."""
     resume = _resume_path(args)
     checkpoint = load_checkpoint(resume) if resume else None
     if checkpoint is not None:
@@ -191,10 +206,11 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
         if args.eval_only and not args.weights:
             raise FileNotFoundError(f"--eval-only --resume: there is no checkpoint.pth in {args.output_dir!r}")
         say(f"--resume: no checkpoint in {args.output_dir!r} yet; starting from scratch")
-    classes, train_set, val_set = _datasets(args, checkpoint, resume)
-    if len(val_set) < env.world_size:
-        raise ValueError(f"val/ has {len(val_set)} images, fewer than the {env.world_size} processes")
+    return resume, checkpoint
 
+
+def _model(args: argparse.Namespace, classes: List[str], checkpoint: Optional[Dict], device) -> nn.Module:
+    """The network with --weights, then the checkpoint's state, on ``device``."""
     model = build_model(args.model, len(classes), args.input_size, args.drop_path, _dge_options(args))
     if args.weights:
         missing = load_weights(model, args.weights)
@@ -204,95 +220,144 @@ def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> 
             )
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-    model.to(env.device)
-    data_config = resolve_data_config({"input_size": (3, args.input_size, args.input_size)}, model=model)
-    train_tf, val_tf = build_transforms(data_config, args.aa, args.reprob)
-    val_set.transform = val_tf
-    val_loader = build_loader(val_set, batch, False, args.workers, env.rank, env.world_size, args.seed)
-    num_params = sum(p.numel() for p in model.parameters())
-    say(f"{args.model}{' without DGE' if args.no_dge else ''}: {num_params / 1e6:.2f}M parameters, "
-        f"{len(classes)} classes, {env.world_size} process(es) on {env.device}")
-    flops = outside_dge_flops(model, data_config["input_size"])
+    return model.to(device)
 
-    if args.eval_only:
-        results = evaluate(model, val_loader, env.device, *flops)
-        results["epoch"] = checkpoint["epoch"] if checkpoint is not None else None
-        say("val: " + format_results(results))
-        return results
 
-    train_set.transform = train_tf
-    train_loader = build_loader(train_set, batch, True, args.workers, env.rank, env.world_size, args.seed)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+def _train_loader(args: argparse.Namespace, train_set, batch: int, env: DistEnv):
+    loader = build_loader(train_set, batch, True, args.workers, env.rank, env.world_size, args.seed)
+    if len(loader) == 0:
         raise ValueError(
             f"train/ has {len(train_set)} images, fewer than one batch of {args.batch_size} "
             f"({batch} per process); lower --batch-size"
         )
+    return loader
+
+
+def _recipe(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int, num_classes: int):
+    """(optimizer, scheduler, mixup or None, criterion, lr) of the paper's recipe."""
     lr = args.lr * args.batch_size / REFERENCE_BATCH
     optimizer = build_optimizer(model, lr, args.weight_decay)
     scheduler = build_scheduler(
         optimizer, args.epochs, steps_per_epoch, args.warmup_epochs, args.warmup_lr, args.min_lr
     )
-    mixup = build_mixup(args.mixup, args.cutmix, args.smoothing, len(classes)) if mixup_on else None
-    criterion = build_criterion(mixup, args.smoothing)
-    start_epoch, step, best_acc1 = 0, 0, 0.0
+    mixup = build_mixup(args.mixup, args.cutmix, args.smoothing, num_classes) if _mixup_on(args) else None
+    return optimizer, scheduler, mixup, build_criterion(mixup, args.smoothing), lr
+
+
+def _resume_state(checkpoint: Optional[Dict], optimizer, scheduler, env: DistEnv, say) -> _Progress:
+    """Optimizer, scheduler and random states from ``checkpoint``; where training continues."""
+    if checkpoint is None:
+        return _Progress()
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    progress = _Progress(checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_acc1"])
+    states = checkpoint["rng"]
+    if len(states) == env.world_size:
+        set_rng_state(states[env.rank])
+    else:
+        say(f"the checkpoint comes from {len(states)} processes, this run has {env.world_size}: "
+            "the data order and augmentations will differ from an uninterrupted run")
+    return progress
+
+
+def _distributed(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.Module:
+    if env.world_size == 1:
+        return model
+    unused = 0 in (args.granularities or ())  # φ = 0 everywhere leaves a block unused
+    device_ids = [env.local_rank] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+
+
+def _run(args: argparse.Namespace, env: DistEnv, log: Callable[[str], None]) -> Dict[str, float]:
+    say = log if env.is_main else (lambda msg: None)
+    _seed_everything(args.seed + env.rank)
+    batch = _batch_per_process(args, env)
+    resume, checkpoint = _checkpoint(args, say)
+    classes, train_set, val_set = _datasets(args, checkpoint, resume)
+    if len(val_set) < env.world_size:
+        raise ValueError(f"val/ has {len(val_set)} images, fewer than the {env.world_size} processes")
+    model = _model(args, classes, checkpoint, env.device)
+    data_config = resolve_data_config({"input_size": (3, args.input_size, args.input_size)}, model=model)
+    train_tf, val_set.transform = build_transforms(data_config, args.aa, args.reprob)
+    val_loader = build_loader(val_set, batch, False, args.workers, env.rank, env.world_size, args.seed)
+    num_params = sum(p.numel() for p in model.parameters())
+    say(f"{args.model}{' without DGE' if args.no_dge else ''}: {num_params / 1e6:.2f}M parameters, "
+        f"{len(classes)} classes, {env.world_size} process(es) on {env.device}")
+    flops = outside_dge_flops(model, data_config["input_size"])
+    if args.eval_only:
+        results = evaluate(model, val_loader, env.device, *flops)
+        results["epoch"] = checkpoint["epoch"] if checkpoint is not None else None
+        say("val: " + format_results(results))
+        return results
+    train_set.transform = train_tf
+    train_loader = _train_loader(args, train_set, batch, env)
+    optimizer, scheduler, mixup, criterion, lr = _recipe(args, model, len(train_loader), len(classes))
+    progress = _resume_state(checkpoint, optimizer, scheduler, env, say)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch, step, best_acc1 = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best_acc1"]
-        say(f"resumed {resume!r}: epoch {start_epoch}, step {step}, best top-1 {best_acc1:.2f}")
-    if env.world_size > 1:
-        unused = 0 in (args.granularities or ())  # φ = 0 everywhere leaves a block unused
-        device_ids = [env.local_rank] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=unused)
+        say(f"resumed {resume!r}: epoch {progress.epoch}, step {progress.step}, best top-1 {progress.best_acc1:.2f}")
+    model = _distributed(model, args, env)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-    say(f"lr {lr:.3g} ({args.lr:g} × {args.batch_size}/{REFERENCE_BATCH}), {steps_per_epoch} steps per epoch, "
-        f"epochs {start_epoch}..{args.epochs - 1}")
+    say(f"lr {lr:.3g} ({args.lr:g} × {args.batch_size}/{REFERENCE_BATCH}), {len(train_loader)} steps per epoch, "
+        f"epochs {progress.epoch}..{args.epochs - 1}")
+    loop = _EpochLoop(args, env, model, optimizer, scheduler, mixup, criterion, classes, say)
+    return loop.run(train_loader, val_loader, flops, progress)
 
-    if checkpoint is not None:
-        states = checkpoint["rng"]
-        if len(states) == env.world_size:
-            set_rng_state(states[env.rank])
-        else:
-            say(f"the checkpoint comes from {len(states)} processes, this run has {env.world_size}: "
-                "the data order and augmentations will differ from an uninterrupted run")
-    run_log = RunLog(args.output_dir, env.is_main, args, step, args.print_freq)
-    checkpointer = AtomicCheckpointer(
-        unwrap(model), args.output_dir, save_to_disk=env.is_main, optimizer=optimizer, scheduler=scheduler
-    )
-    results: Dict[str, float] = {}
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            start = time.perf_counter()
-            train_loader.sampler.set_epoch(epoch)
-            step, train_stats = train_one_epoch(
-                model, train_loader, optimizer, scheduler, criterion, epoch=epoch, step=step, device=env.device,
-                mixup=mixup, budget=BudgetLoss(args.budget, args.budget_weight) if args.budget is not None else BudgetLoss(), clip_grad=args.clip_grad,
-                print_freq=args.print_freq, log=say,
-                on_step=lambda i, scalars: run_log.train_step(i, scalars, i % steps_per_epoch == 0),
-            )
-            results = evaluate(model, val_loader, env.device, *flops)
-            results["epoch"] = epoch
-            improved = results["acc1"] >= best_acc1
-            best_acc1 = max(best_acc1, results["acc1"])
-            rngs = _gather_rng(env)  # collective: every process takes part
-            if env.is_main:  # detectron2's checkpointer (model, optimizer, scheduler), written atomically
-                extra = dict(epoch=epoch, step=step, best_acc1=best_acc1, args=vars(args), classes=classes, rng=rngs)
-                if improved:
-                    checkpointer.save("best", **extra)
-                checkpointer.save("checkpoint", **extra)  # last, so that last_checkpoint names it
-            row = dict(epoch=epoch, step=step, time_s=time.perf_counter() - start, best_acc1=best_acc1)
-            run_log.epoch(row, train_stats, results)
-            say(f"epoch {epoch} val: " + format_results(results) + f"  (best top-1 {best_acc1:.2f})")
-    finally:
-        run_log.close()
-    if not results:
-        say(f"training already finished at epoch {args.epochs - 1}; evaluating")
-        results = evaluate(model, val_loader, env.device, *flops)
-        results["epoch"] = start_epoch - 1
-        say("val: " + format_results(results))
-    return results
+
+class _EpochLoop:
+    """Epochs of training, each followed by evaluation, checkpoints and the run's log."""
+
+    def __init__(self, args, env: DistEnv, model, optimizer, scheduler, mixup, criterion, classes, say):
+        self.args, self.env, self.model, self.say = args, env, model, say
+        self.optimizer, self.scheduler, self.mixup = optimizer, scheduler, mixup
+        self.criterion, self.classes = criterion, classes
+        self.budget = BudgetLoss(args.budget, args.budget_weight) if args.budget is not None else BudgetLoss()
+        self.checkpointer = AtomicCheckpointer(
+            unwrap(model), args.output_dir, save_to_disk=env.is_main, optimizer=optimizer, scheduler=scheduler
+        )
+
+    def run(self, train_loader, val_loader, flops, progress: _Progress) -> Dict[str, float]:
+        args, env = self.args, self.env
+        run_log = RunLog(args.output_dir, env.is_main, args, progress.step, args.print_freq)
+        results: Dict[str, float] = {}
+        try:
+            for epoch in range(progress.epoch, args.epochs):
+                start = time.perf_counter()
+                train_loader.sampler.set_epoch(epoch)
+                progress.step, train_stats = train_one_epoch(
+                    self.model, train_loader, self.optimizer, self.scheduler, self.criterion, epoch=epoch,
+                    step=progress.step, device=env.device, mixup=self.mixup, budget=self.budget,
+                    clip_grad=args.clip_grad, print_freq=args.print_freq, log=self.say,
+                    on_step=lambda i, scalars: run_log.train_step(i, scalars, i % len(train_loader) == 0),
+                )
+                results = self._evaluate(val_loader, flops, epoch, progress)
+                elapsed = time.perf_counter() - start
+                row = dict(epoch=epoch, step=progress.step, time_s=elapsed, best_acc1=progress.best_acc1)
+                run_log.epoch(row, train_stats, results)
+        finally:
+            run_log.close()
+        if not results:
+            self.say(f"training already finished at epoch {args.epochs - 1}; evaluating")
+            results = evaluate(self.model, val_loader, env.device, *flops)
+            results["epoch"] = progress.epoch - 1
+            self.say("val: " + format_results(results))
+        return results
+
+    def _evaluate(self, val_loader, flops, epoch: int, progress: _Progress) -> Dict[str, float]:
+        """The epoch's evaluation, then ``checkpoint.pth`` (and ``best.pth`` at a new best top-1)."""
+        results = evaluate(self.model, val_loader, self.env.device, *flops)
+        results["epoch"] = epoch
+        improved = results["acc1"] >= progress.best_acc1
+        progress.best_acc1 = max(progress.best_acc1, results["acc1"])
+        rngs = _gather_rng(self.env)  # collective: every process takes part
+        if self.env.is_main:  # detectron2's checkpointer (model, optimizer, scheduler), written atomically
+            extra = dict(epoch=epoch, step=progress.step, best_acc1=progress.best_acc1, args=vars(self.args),
+                         classes=self.classes, rng=rngs)
+            if improved:
+                self.checkpointer.save("best", **extra)
+            self.checkpointer.save("checkpoint", **extra)  # last, so that last_checkpoint names it
+        self.say(f"epoch {epoch} val: " + format_results(results) + f"  (best top-1 {progress.best_acc1:.2f})")
+        return results
 
 
 def run(args: argparse.Namespace, log: Optional[Callable[[str], None]] = None) -> Dict[str, float]:

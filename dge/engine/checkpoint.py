@@ -68,7 +68,8 @@ def remove_unfinished_writes(folder: str) -> List[str]:
     """Removes the checkpoint files (``*.pth.tmp``, ``last_checkpoint.tmp``) that an
     interrupted ``atomic_save`` left in ``folder`` (a process killed mid-write); returns
     their paths."""
-    stale = sorted(glob.glob(os.path.join(folder, "*.pth.tmp")) + glob.glob(os.path.join(folder, "last_checkpoint.tmp")))
+    patterns = ("*.pth.tmp", "last_checkpoint.tmp")
+    stale = sorted(path for pattern in patterns for path in glob.glob(os.path.join(folder, pattern)))
     for path in stale:
         os.remove(path)
     return stale
@@ -139,7 +140,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
             "(MODEL.DGE.GRANULARITIES / REGION_SIZE / ROUTING)"
         )
         if not self.allow_partial:
-            raise ValueError(f"{message}: set them as the checkpoint has them, or MODEL.ALLOW_PARTIAL_WEIGHTS True to load anyway")
+            raise ValueError(
+                f"{message}: set them as the checkpoint has them, or MODEL.ALLOW_PARTIAL_WEIGHTS True to load anyway"
+            )
         self.logger.warning(f"{message}; loaded anyway (MODEL.ALLOW_PARTIAL_WEIGHTS)")
 
     def _load_model(self, checkpoint):

@@ -28,7 +28,8 @@ def routing_line(storage: EventStorage, window: int) -> str:
 
     stages = " ".join(f"{median(k):.2f}" for k in keys("dge/beta_stage"))
     shares = ", ".join(f"φ={k[len('dge/share_phi'):]} {100 * median(k):.0f}%" for k in keys("dge/share_phi"))
-    return f"iter {storage.iter}: β {median('dge/beta'):.3f} (stages {stages}); regions {shares}; medians of {window} iterations"
+    beta = median("dge/beta")
+    return f"iter {storage.iter}: β {beta:.3f} (stages {stages}); regions {shares}; medians of {window} iterations"
 
 
 class RoutingStatsWriter(HookBase):

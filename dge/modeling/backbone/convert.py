@@ -104,6 +104,23 @@ def finish_conversion(
     ``blocks.3.router.gate.weight``, ``<block>.splits`` for vtpack's split sizes)."""
     wrappers = {name: m for name, m in model.named_modules() if isinstance(m, DynamicGrainedEncoder)}
     target = model.state_dict()
+    out, splits = _wrapped_keys(converted, model, wrappers, target, conversion)
+    _order_router_rows(out, splits, wrappers, conversion)
+    _fit_position_grids(out, model, target, conversion)
+    _check_shapes(out, target, conversion)
+    # No other code has budget tables: the model's (empty) ones are neither missing nor written.
+    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
+    conversion.unexpected = [k for k in out if k not in target]
+    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
+    if fill_routers:  # timm loads strictly: every router tensor, budget tables too
+        for k in conversion.initial_routers + [k for k in target if is_router_state(k) and k not in out]:
+            out[k] = target[k]
+    conversion.state_dict = out
+    return conversion
+
+
+def _wrapped_keys(converted, model, wrappers, target, conversion):
+    """(tensors under the model's DGE wrapper names, vtpack split sizes per wrapper name)."""
     out: Dict[str, torch.Tensor] = {}
     splits: Dict[str, torch.Tensor] = {}
     for key, value in map_dge_keys(converted, model).items():
@@ -111,14 +128,16 @@ def finish_conversion(
             continue  # a budget table of a router the model does not have: its gate is reported
         if ".router." in key and key.partition(".router.")[0] not in wrappers:
             conversion.dropped[key] = "DGE router; the model has no DGE block here"
-            continue
-        if key.endswith(".splits"):
+        elif key.endswith(".splits"):
             splits[key[: -len(".splits")]] = value
-            continue
-        out[key] = value
+        else:
+            out[key] = value
+    return out, splits
 
-    # vtpack routers: row k of the gate belongs to the split size splits[k], i.e. the
-    # granularity S / splits[k]; reorder rows to the model's ascending Φ.
+
+def _order_router_rows(out, splits, wrappers, conversion) -> None:
+    """vtpack routers: row k of the gate belongs to the split size splits[k], i.e. the
+    granularity S / splits[k]; rows are put in the model's ascending Φ."""
     for name, split in splits.items():
         if name not in wrappers:
             conversion.dropped[name + ".splits"] = "DGE split sizes, but the model has no DGE block here"
@@ -138,9 +157,11 @@ def finish_conversion(
             if key in out:
                 out[key] = out[key][order]
 
-    for key in [k for k in out if k.endswith("pos_embed")]:
-        if key not in target:
-            continue
+
+def _fit_position_grids(out, model, target, conversion) -> None:
+    """Position embeddings on the model's grid (bilinear), a class-token position dropped
+    where the model has no class token."""
+    for key in [k for k in out if k.endswith("pos_embed") and k in target]:
         owner = _owner(model, key)
         grid, extra = owner.pos_grid, owner.num_extra_tokens
         value = out[key]
@@ -158,11 +179,13 @@ def finish_conversion(
             conversion.resampled[key] = f"{side}×{side} -> {grid[0]}×{grid[1]}"
         out[key] = value
 
+
+def _check_shapes(out, target, conversion) -> None:
+    """A classifier for other classes is dropped (said); any other shape mismatch stops."""
     for key in [k for k in out if k.startswith("head.")]:
         if key in target and out[key].shape != target[key].shape:
-            conversion.dropped[key] = (
-                f"classifier for {out[key].shape[0]} classes; the model has {target[key].shape[0]}"
-            )
+            classes = (out[key].shape[0], target[key].shape[0])
+            conversion.dropped[key] = f"classifier for {classes[0]} classes; the model has {classes[1]}"
             del out[key]
     bad = [
         f"{k}: checkpoint {list(v.shape)} vs model {list(target[k].shape)}"
@@ -174,15 +197,6 @@ def finish_conversion(
             f"{conversion.source} checkpoint does not fit the model ({len(bad)} shape mismatches): "
             + "; ".join(bad[:5])
         )
-    # No other code has budget tables: the model's (empty) ones are neither missing nor written.
-    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
-    conversion.unexpected = [k for k in out if k not in target]
-    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
-    if fill_routers:  # timm loads strictly: every router tensor, budget tables too
-        for k in conversion.initial_routers + [k for k in target if is_router_state(k) and k not in out]:
-            out[k] = target[k]
-    conversion.state_dict = out
-    return conversion
 
 
 _PVT_STAGE_KEY = re.compile(r"^(patch_embed|pos_embed|block)(\d)(.*)$")
@@ -209,50 +223,62 @@ def convert_pvt_state_dict(
     initial router weights for a checkpoint without routers (timm's strict loading)."""
     state_dict = unwrap_checkpoint(state_dict)
     stages = _model_stages(model)
-    keys = list(state_dict)
-    if any(k.startswith("stages.") for k in keys):
-        conversion = Conversion({}, "dge (this project)")
-        return finish_conversion(dict(state_dict), model, conversion, fill_routers)
-    if not any(_PVT_STAGE_KEY.match(k) for k in keys):
-        if any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" in state_dict:
-            raise ValueError(
-                "this is a DeiT / ViT checkpoint (keys 'patch_embed.proj.*', 'blocks.N.*'); a PVT / DPVT "
-                "model needs an official PVT v1 or vtpack checkpoint ('patch_embed1.*', 'block1.0.*') "
-                "or one of this project's ('stages.0.*')"
-            )
-        raise ValueError(
-            f"unrecognised checkpoint layout (first keys: {keys[:4]}); a PVT / DPVT model needs an official "
-            "PVT v1 or vtpack checkpoint ('patch_embed1.*', 'block1.0.*') or one of this project's ('stages.0.*')"
-        )
+    if any(k.startswith("stages.") for k in state_dict):
+        return finish_conversion(dict(state_dict), model, Conversion({}, "dge (this project)"), fill_routers)
+    conversion = Conversion({}, _pvt_source(list(state_dict), stages))
+    converted = _pvt_names(state_dict, stages, set(model.state_dict()), conversion)
+    return finish_conversion(converted, model, conversion, fill_routers)
 
+
+_PVT_LAYOUTS = (
+    "an official PVT v1 or vtpack checkpoint ('patch_embed1.*', 'block1.0.*') or one of this project's ('stages.0.*')"
+)
+# vtpack's names inside a block -> this project's (the DGE wrapper's names come from map_dge_keys).
+_VTPACK_NAMES = (("dge.router.", "router."), ("dge.splits", "splits"))
+OFFICIAL_CLASS_TOKEN_STAGE = 3  # official PVT v1 adds its class token in the 4th (last) stage
+
+
+def _vtpack_name(name: str) -> str:
+    for old, new in _VTPACK_NAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def _pvt_source(keys: List[str], stages: nn.ModuleList) -> str:
+    """The layout of an official PVT v1 / vtpack checkpoint ("vtpack DPVT+DGE" ...), checked
+    against the model's attention kind and depths."""
+    if not any(_PVT_STAGE_KEY.match(k) for k in keys):
+        if any(k.startswith("blocks.") for k in keys) or "patch_embed.proj.weight" in keys:
+            found = "this is a DeiT / ViT checkpoint (keys 'patch_embed.proj.*', 'blocks.N.*')"
+        else:
+            found = f"unrecognised checkpoint layout (first keys: {keys[:4]})"
+        raise ValueError(f"{found}; a PVT / DPVT model needs {_PVT_LAYOUTS}")
     deformable = any(".attn.offsets." in k for k in keys)
     has_dge = any(".dge." in k for k in keys)
-    source = "vtpack DPVT" if deformable else ("vtpack PVT+DGE" if has_dge else "official PVT v1")
-    if has_dge and deformable:
-        source = "vtpack DPVT+DGE"
+    source = ("vtpack DPVT" if deformable else "vtpack PVT") + ("+DGE" if has_dge else "")
+    source = "official PVT v1" if source == "vtpack PVT" else source
     kind = "deformable" if deformable else "sr"
     if stages[0].attention_kind != kind:
         raise ValueError(
-            f"the checkpoint is a {source} checkpoint ({kind!r} attention); the model uses "
-            f"{stages[0].attention_kind!r} attention"
+            f"the checkpoint is a {source} checkpoint ({kind!r} attention); "
+            f"the model uses {stages[0].attention_kind!r} attention"
         )
     depths: Dict[int, int] = {}
-    for k in keys:
-        m = re.match(r"^block(\d)\.(\d+)\.", k)
-        if m:
-            s = int(m.group(1)) - 1
-            depths[s] = max(depths.get(s, 0), int(m.group(2)) + 1)
+    for m in filter(None, (re.match(r"^block(\d)\.(\d+)\.", k) for k in keys)):
+        s = int(m.group(1)) - 1
+        depths[s] = max(depths.get(s, 0), int(m.group(2)) + 1)
     model_depths = [len(s.blocks) for s in stages]
     common = range(min(len(model_depths), max(depths, default=-1) + 1))
     if [depths.get(s, 0) for s in common] != [model_depths[s] for s in common]:
-        raise ValueError(
-            f"the checkpoint has block depths {tuple(depths[s] for s in sorted(depths))}; the model has "
-            f"{tuple(model_depths)}"
-        )
+        found = tuple(depths[s] for s in sorted(depths))
+        raise ValueError(f"the checkpoint has block depths {found}; the model has {tuple(model_depths)}")
+    return source
 
-    conversion = Conversion({}, source)
+
+def _pvt_names(state_dict, stages: nn.ModuleList, target_keys, conversion: Conversion) -> Dict[str, torch.Tensor]:
+    """Official / vtpack keys in this project's names (``block2.1.*`` -> ``stages.1.blocks.1.*``);
+    what the model has no place for goes to ``conversion.dropped``."""
     converted: Dict[str, torch.Tensor] = {}
-    target_keys = set(model.state_dict())
     last = len(stages) - 1
     for key, value in state_dict.items():
         m = _PVT_STAGE_KEY.match(key)
@@ -260,26 +286,21 @@ def convert_pvt_state_dict(
             what, s, rest = m.group(1), int(m.group(2)) - 1, m.group(3)
             if s > last:
                 conversion.dropped[key] = f"stage {s + 1} is not part of this model"
-                continue
-            if what == "block":
+            elif what == "block":
                 b = _PVT_BLOCK_KEY.match(rest)
-                name = b.group(2).replace("dge.router.", "router.").replace("dge.splits", "splits")
-                converted[f"stages.{s}.blocks.{b.group(1)}.{name}"] = value
+                converted[f"stages.{s}.blocks.{b.group(1)}.{_vtpack_name(b.group(2))}"] = value
             else:
                 converted[f"stages.{s}.{what}{rest}"] = value
         elif key == "cls_token":
-            if last == 3 and stages[last].num_extra_tokens:
+            if last == OFFICIAL_CLASS_TOKEN_STAGE and stages[last].num_extra_tokens:
                 converted[f"stages.{last}.cls_token"] = value
             else:
                 conversion.dropped[key] = "class token; the model has none (pooling 'avg' or a detection backbone)"
-        elif key.startswith(("norm.", "head.")):
-            if key in target_keys:
-                converted[key] = value
-            else:
-                conversion.dropped[key] = "classification norm / head; not part of this model"
+        elif key.startswith(("norm.", "head.")) and key not in target_keys:
+            conversion.dropped[key] = "classification norm / head; not part of this model"
         else:
-            converted[key] = value  # unknown: reported as unexpected
-    return finish_conversion(converted, model, conversion, fill_routers)
+            converted[key] = value  # norm / head of the model; unknown keys are reported as unexpected
+    return converted
 
 
 def convert_deit_state_dict(
@@ -322,7 +343,7 @@ def convert_deit_state_dict(
                 converted[f"{prefix}.attn.q.{param}"] = value[:c]
                 converted[f"{prefix}.attn.kv.{param}"] = value[c:]
             else:
-                converted[f"{prefix}.{rest.replace('dge.router.', 'router.').replace('dge.splits', 'splits')}"] = value
+                converted[f"{prefix}.{_vtpack_name(rest)}"] = value
         elif key.startswith(("norm.", "head.")) and key not in target_keys:
             conversion.dropped[key] = "classification norm / head; not part of this model"
         else:
