@@ -223,7 +223,7 @@ def _trace(model: nn.Module, inputs: Any) -> Tuple[FlopCountAnalysis, RoutingRec
     routing of its one forward. The trace is of this one image: DGE blocks take the
     shortcuts eager inference takes on it."""
     analysis = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with specialize_to_input(), record_routing() as record:
+    with specialize_to_input(model), record_routing() as record:
         analysis.total()
     return analysis, record
 

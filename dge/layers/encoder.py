@@ -34,7 +34,6 @@ ROUTING_KINDS = ("region", "layer")
 # Query counts, FLOPs and β are summed in float32 whatever the activations are (a block's
 # multiply-adds, ~1e9, overflow float16; bfloat16 keeps 8 bits). float64 would fail on MPS.
 ACCOUNTING_DTYPE = torch.float32
-_specialized = [False]  # inside specialize_to_input()
 
 
 def is_capturing() -> bool:
@@ -44,17 +43,52 @@ def is_capturing() -> bool:
 
 
 @contextlib.contextmanager
-def specialize_to_input() -> Iterator[None]:
-    """While active, a trace may take the eager shortcuts that depend on the traced input's
-    routing (every query one token: the plain block; every region skipped: the identity), so
-    that its graph is the one eager inference runs on that input. For analyses that trace
-    each image on its own (fvcore's FLOP count), never for export: such a graph holds only
-    for inputs that are routed the same."""
-    _specialized[0], previous = True, _specialized[0]
+def specialize_to_input(model: nn.Module) -> Iterator[None]:
+    """While active, a trace of ``model``'s DGE blocks may take the eager shortcuts that
+    depend on the traced input's routing (every query one token: the plain block; every
+    region skipped: the identity), so that its graph is the one eager inference runs on that
+    input. For analyses that trace each image on its own (fvcore's FLOP count), never for
+    export: such a graph holds only for inputs that are routed the same."""
+    blocks = [m for m in model.modules() if isinstance(m, DynamicGrainedEncoder)]
+    previous = [m.specialized for m in blocks]
+    for m in blocks:
+        m.specialized = True
     try:
         yield
     finally:
-        _specialized[0] = previous
+        for m, value in zip(blocks, previous):
+            m.specialized = value
+
+
+@dataclass
+class _Decision:
+    """The granularity of each region in one forward.
+
+    Attributes:
+        index: [B, Hr, Wr] long, the chosen entry of Φ per region.
+        granularity_map: [B, Hr, Wr] long, its φ.
+        probs: [B, Hr, Wr, K] float32 router scores, or None (a given map, or no router).
+    """
+
+    index: torch.Tensor
+    granularity_map: torch.Tensor
+    probs: Optional[torch.Tensor] = None
+
+    @property
+    def choice(self) -> torch.Tensor:
+        """[B, R] the index per region, regions in raster order."""
+        return self.index.view(self.index.shape[0], -1)
+
+    @property
+    def chosen_p(self) -> Optional[torch.Tensor]:
+        """[B, R] the score of the chosen entry (the straight-through factor of Eq. 6), or None."""
+        if self.probs is None:
+            return None
+        return self.probs.gather(-1, self.index[..., None]).view(self.index.shape[0], -1)
+
+    def patches(self, layout: StaticLayout) -> torch.Tensor:
+        """[B, R] valid patches of the chosen granularity per region (ψ_i of Eq. 7)."""
+        return torch.take_along_dim(layout.region_num_patches[None], self.choice[:, None], 1)[:, 0]
 
 
 def _check_granularities(granularities: Sequence[int], region_size: Optional[int]) -> Tuple[int, ...]:
@@ -151,7 +185,8 @@ class DynamicGrainedEncoder(nn.Module):
         num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
 
     Each forward hands its ``RoutingInfo`` to the open ``dge.layers.record_routing()``
-    records of its caller; the module keeps none.
+    records of its caller; the module keeps none. ``specialized`` (set by
+    ``specialize_to_input``) lets a trace take the eager shortcuts.
     """
 
     def __init__(
@@ -167,22 +202,32 @@ class DynamicGrainedEncoder(nn.Module):
             options, overrides = None, dict(overrides, granularities=options)
         options = replace(options or DGEOptions(), **overrides)
         self.options = options
-        self.granularities = options.granularities
-        self.region_size = options.region_size or max(options.granularities)
-        self.routing = options.routing
-        self.gumbel_tau = options.gumbel_tau
-        self.dense_train = options.dense_train
         self.num_extra_tokens = num_extra_tokens
+        self.specialized = False
         self.block = block
         k = len(self.granularities)
         fine = self.granularities.index(min(g for g in self.granularities if g > 0))
         self.router = GrainedRouter(dim, k, fine_index=fine, init_fine_prob=options.init_fine_prob) if k > 1 else None
         self.register_buffer("_phi", torch.tensor(self.granularities), persistent=False)
 
+    @property
+    def granularities(self) -> Tuple[int, ...]:
+        """Φ, ascending."""
+        return self.options.granularities
+
+    @property
+    def region_size(self) -> int:
+        """S: ``options.region_size``, or max(Φ)."""
+        return self.options.region_size or max(self.options.granularities)
+
+    @property
+    def routing(self) -> str:
+        return self.options.routing
+
     def extra_repr(self) -> str:
         return (
             f"granularities={self.granularities}, region_size={self.region_size}, "
-            f"routing={self.routing}, gumbel_tau={self.gumbel_tau}, dense_train={self.dense_train}"
+            f"routing={self.routing}, gumbel_tau={self.options.gumbel_tau}, dense_train={self.options.dense_train}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -217,7 +262,19 @@ class DynamicGrainedEncoder(nn.Module):
         else:
             region_means = pooled[self.region_size]
         logits = self.router(region_means.reshape(b, hr, wr, c))  # Eq. 1
-        return GrainedRouter.select(logits, stochastic=self.training, tau=self.gumbel_tau)
+        return GrainedRouter.select(logits, stochastic=self.training, tau=self.options.gumbel_tau)
+
+    def _decide(self, x: torch.Tensor, pooled: PatchPooler, layout: StaticLayout, granularity_map) -> _Decision:
+        """Step 1, route: the given map, the only choice, or the router's (Eq. 1-5)."""
+        b = x.shape[0]
+        if granularity_map is not None:
+            gmap = self._check_map(granularity_map, b, layout)
+            return _Decision(torch.searchsorted(self._phi, gmap), gmap)  # Φ is ascending
+        if self.router is None:
+            index = self._phi.new_zeros((b,) + layout.regions_hw)
+            return _Decision(index, self._phi[index])
+        index, probs = self._route(x[:, self.num_extra_tokens :], pooled, layout)
+        return _Decision(index, self._phi[index], probs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -225,52 +282,37 @@ class DynamicGrainedEncoder(nn.Module):
     ) -> torch.Tensor:
         """x: [B, E + H*W, C] -> [B, E + H*W, C]; ``granularity_map`` [B, Hr, Wr] (values in Φ)
         bypasses the router."""
-        b, n, c = x.shape
-        h, w = hw
         e = self.num_extra_tokens
-        if n != e + h * w:
-            raise ValueError(f"expected E + H*W = {e} + {h}*{w} = {e + h * w} tokens; got {n}")
+        if x.shape[1] != e + hw[0] * hw[1]:
+            raise ValueError(f"expected E + H*W = {e} + {hw[0]}*{hw[1]} = {e + hw[0] * hw[1]} tokens; got {x.shape[1]}")
         layout = self.layout(hw, x.device)
-        spatial = x[:, e:]
-        use_router = granularity_map is None and self.router is not None
-        pooled = PatchPooler(spatial, layout)
-
-        probs = None
-        if granularity_map is not None:
-            gmap = self._check_map(granularity_map, b, layout)
-            index = torch.searchsorted(self._phi, gmap)  # Φ is ascending
-        elif self.router is None:
-            index = self._phi.new_zeros((b,) + layout.regions_hw)
-            gmap = self._phi[index]
+        pooled = PatchPooler(x[:, e:], layout)
+        decision = self._decide(x, pooled, layout, granularity_map)
+        if self.training and self.options.dense_train and decision.probs is not None:
+            out = self._forward_dense(x, pooled, layout, decision, hw)
+            num_queries = decision.patches(layout).sum(dim=1).long()
         else:
-            index, probs = self._route(spatial, pooled, layout)
-            gmap = self._phi[index]
-        choice = index.view(b, -1)
-        # Straight-through factor per region (Eq. 6): 1 forward, gradient p_i backward.
-        chosen_p = None if probs is None else probs.gather(-1, index[..., None]).view(b, -1)
+            out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw)
+        add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
+        return out
 
-        if chosen_p is not None:  # routed in training
-            # ψ of Eq. 7: valid patches of the chosen granularity per region.
-            per_region = torch.take_along_dim(layout.region_num_patches[None], choice[:, None], 1)[:, 0]
-        if self.training and self.dense_train and probs is not None:
-            out = self._forward_dense(x, pooled, layout, choice, probs, hw)
-            num_queries = per_region.sum(dim=1).long()
-        else:
-            out, num_queries = self._forward_sparse(x, pooled, layout, choice, chosen_p, hw)
+    def _account(self, decision: _Decision, num_queries, layout: StaticLayout, hw, routed: bool) -> RoutingInfo:
+        """Last step: the routing and its cost (Eq. 7), counted in ``ACCOUNTING_DTYPE``."""
         query_count = num_queries.to(ACCOUNTING_DTYPE)  # not the activation dtype: fp16 overflows a block's FLOPs
-        if chosen_p is not None:
-            soft = (chosen_p * per_region).sum(dim=1)
-            query_count = query_count + soft - soft.detach()  # Eq. 7, straight-through
-        add_routing(self, RoutingInfo(
-            granularity_map=gmap,
+        chosen_p = decision.chosen_p
+        if chosen_p is not None:  # routed in training: ψ is differentiable, straight-through
+            soft = (chosen_p * decision.patches(layout)).sum(dim=1)
+            query_count = query_count + soft - soft.detach()
+        use_router = routed and self.router is not None
+        return RoutingInfo(
+            granularity_map=decision.granularity_map,
             num_queries=num_queries,
             query_count=query_count,
-            hw=(h, w),
-            num_extra=e,
+            hw=tuple(hw),
+            num_extra=self.num_extra_tokens,
             router_flops=self.router.flops(layout.num_regions) if use_router else 0.0,
-            block_cost=self.block.complexity(hw, e),
-        ))
-        return out
+            block_cost=self.block.complexity(hw, self.num_extra_tokens),
+        )
 
     def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
         """The vanilla block on every token (what all-φ=1 routing computes)."""
@@ -280,40 +322,53 @@ class DynamicGrainedEncoder(nn.Module):
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
         return self.block.forward_queries(x, x, hw, centers)
 
-    def _forward_sparse(self, x, pooled, layout, choice, chosen_p, hw):
+    def _check_capture(self, batch: int, layout: StaticLayout) -> None:
+        """What a graph capture of this block cannot take (eager runs it all)."""
+        if batch > 1:
+            raise RuntimeError(
+                f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
+                f"image with most queries, a size read from the device); got batch {batch}"
+            )
+        if layout.skip_choice is not None and self.num_extra_tokens == 0 and torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"a DGE block with 0 in its granularities {self.granularities} and no extra token is not "
+                f"exported (torch.export / torch.compile): an image may keep no query at all, a size of 0 "
+                f"that the graph cannot take"
+            )
+
+    def _shortcut(self, x, hw, layout: StaticLayout, packing, decision: _Decision) -> Optional[torch.Tensor]:
+        """Eager shortcuts, decided on the query count (a shape, known without a sync): every
+        query one token is the vanilla block; every region skipped is the identity; else None."""
+        total = packing.rows.total
+        if isinstance(total, torch.Tensor):  # a size some tracers record as a tensor
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                total = int(total)  # specialized: the traced input's count is meant
+        if decision.probs is None and total == x.shape[0] * x.shape[1]:
+            return self._plain_block(x, hw, layout)  # no gather, no scatter
+        if total == 0:
+            return x
+        return None
+
+    def _forward_sparse(self, x, pooled, layout, decision: _Decision, hw):
+        """Steps 2-4: pack the chosen queries of all images into rows, run the block on them
+        against the dense input, unpack ``x + unpool(ŷ - q)``. -> (output, queries per image)."""
         b, n, c = x.shape
         e = self.num_extra_tokens
-        if is_capturing() and not _specialized[0]:
-            if b > 1:
-                raise RuntimeError(
-                    f"a DGE block is traced or exported at batch 1 only (attention pads a batch by the "
-                    f"image with most queries, a size read from the device); got batch {b}"
-                )
-            if layout.skip_choice is not None and e == 0 and torch.compiler.is_compiling():
-                raise RuntimeError(
-                    f"a DGE block with 0 in its granularities {self.granularities} and no extra token is not "
-                    f"exported (torch.export / torch.compile): an image may keep no query at all, a size of 0 "
-                    f"that the graph cannot take"
-                )
-        packing = pack_queries(layout, choice)
-        if _specialized[0] or not is_capturing():
-            # Eager shortcuts, decided on the query count (a shape, known without a sync).
-            total = packing.rows.total
-            if isinstance(total, torch.Tensor):  # a size some tracers record as a tensor
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    total = int(total)  # specialized: the traced input's count is meant
-            if chosen_p is None and total == b * n:
-                # Every query is one token: exactly the vanilla block (no gather, no scatter).
-                return self._plain_block(x, hw, layout), packing.num_queries
-            if total == 0:  # every region skipped
-                return x, packing.num_queries
+        capturing = is_capturing() and not self.specialized
+        if capturing:
+            self._check_capture(b, layout)
+        packing = pack_queries(layout, decision.choice)
+        shortcut = None if capturing else self._shortcut(x, hw, layout, packing, decision)
+        if shortcut is not None:
+            return shortcut, packing.num_queries
         # Packed rows of all images (each image's extra tokens, then its queries).
         queries, centers = gather_queries(packing, query_sources(x, pooled, self.granularities))
         y = self.block.forward_queries(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
         extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
+        chosen_p = decision.chosen_p
         if chosen_p is not None:
             st = (1.0 + chosen_p - chosen_p.detach()).to(delta.dtype)  # Eq. 6 (router scores are float32)
             st = torch.cat([st, st.new_ones(b, 1)], dim=1).reshape(-1)  # region R: the extra tokens
@@ -321,14 +376,14 @@ class DynamicGrainedEncoder(nn.Module):
         out = unpack_tokens(x[:, e:], delta, packing)
         return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
 
-    def _forward_dense(self, x, pooled, layout, choice, probs, hw):
+    def _forward_dense(self, x, pooled, layout, decision: _Decision, hw):
         """All K granularities computed and mixed by the one-hot straight-through gate. Their
         queries go through the block together, in one call: the key/value side is the same
         for every query layout and is computed once (queries attend to the context only)."""
         b, _, c = x.shape
         e = self.num_extra_tokens
-        index = choice.view(probs.shape[:-1])
-        hard = torch.zeros_like(probs).scatter_(-1, index[..., None], 1.0)
+        choice, probs = decision.choice, decision.probs
+        hard = torch.zeros_like(probs).scatter_(-1, decision.index[..., None], 1.0)
         gate = (hard - probs.detach() + probs).to(x.dtype).view(b, -1, len(self.granularities))
         gate = torch.cat([gate, gate.new_ones(b, 1, gate.shape[-1])], dim=1)  # region R: the extra tokens
         sources = query_sources(x, pooled, self.granularities)

@@ -48,17 +48,22 @@ def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+EXTRA_TOKEN_CHOICE = -1  # the choice of the extra tokens' region R: always (every image "chooses" it)
+PADDING_CHOICE = -2  # the choice of a patch wholly in padding: never chosen (it makes no query)
+
+
 @dataclass
 class SlotTable:
     """Every slot of a layout: the E extra tokens, then for each nonzero φ (in Φ's order)
     the patches of its (Hp/φ)×(Wp/φ) grid, row-major. S = E + Σ_φ (Hp/φ)(Wp/φ).
 
     A slot is a query of an image when the image's choice (index into Φ) of the slot's
-    region equals ``choice``; extra tokens sit in region R, whose choice is always -1.
+    region equals ``choice``; extra tokens sit in region R, whose choice is always
+    ``EXTRA_TOKEN_CHOICE``; patches wholly in padding have ``PADDING_CHOICE``.
     Queries are read from an image's *source rows*: its E + H·W tokens, then the means of
     each coarse φ's patches (``query_sources``)."""
 
-    choice: torch.Tensor  # [S] long: index in Φ that selects the slot; -1 extra tokens; -2 never (padding)
+    choice: torch.Tensor  # [S] long: index in Φ that selects the slot (or one of the two constants above)
     region: torch.Tensor  # [S] long: region of the slot (R for extra tokens)
     source: torch.Tensor  # [S] long: row of the slot's query among one image's source rows
     centers: torch.Tensor  # [S, 2] float (y, x): mean of the valid token centres (0 for extra tokens)
@@ -95,6 +100,99 @@ def token_centers(h: int, w: int, device=None, dtype=torch.float32) -> torch.Ten
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(h * w, 2)
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """The padded map: h×w tokens padded to hp×wp, cut into regions of rh×rw tokens, hr×wr of them."""
+
+    h: int
+    w: int
+    hp: int
+    wp: int
+    rh: int
+    rw: int
+
+    @property
+    def regions_hw(self) -> Tuple[int, int]:
+        return self.hp // self.rh, self.wp // self.rw
+
+    @property
+    def num_regions(self) -> int:
+        return self.regions_hw[0] * self.regions_hw[1]
+
+
+def _grid(h: int, w: int, granularities: Tuple[int, ...], region_size: Optional[int]) -> _Grid:
+    if region_size is None:  # one region: the map padded to max(Φ)
+        unit = max([g for g in granularities if g > 0], default=1)
+        hp, wp = _ceil_to(h, unit), _ceil_to(w, unit)
+        return _Grid(h, w, hp, wp, hp, wp)
+    return _Grid(h, w, _ceil_to(h, region_size), _ceil_to(w, region_size), region_size, region_size)
+
+
+@dataclass
+class _Patches:
+    """The (hp/φ)×(wp/φ) patches of one φ > 0, row-major (P of them).
+
+    Attributes:
+        valid: [P] bool, the patch holds at least one unpadded token (it makes a query).
+        centers: [P, 2] float32 (y, x), the mean of its valid tokens' centres.
+        region: [P] long, the region it lies in.
+        pooled_row: [P] long, its row in the φ-pooled unpadded map (ceil(h/φ)×ceil(w/φ)).
+        token_patch: [h·w] long, the patch of each token.
+    """
+
+    valid: torch.Tensor
+    centers: torch.Tensor
+    region: torch.Tensor
+    pooled_row: torch.Tensor
+    token_patch: torch.Tensor
+
+
+def _patches(grid: _Grid, g: int, device: torch.device) -> _Patches:
+    gh, gw = grid.hp // g, grid.wp // g
+    py, px = torch.arange(gh, device=device), torch.arange(gw, device=device)
+    # Valid tokens per patch along each axis, then their centre (mean of i + 0.5).
+    ny = torch.clamp(grid.h - py * g, min=0, max=g).to(torch.float32)
+    nx = torch.clamp(grid.w - px * g, min=0, max=g).to(torch.float32)
+    centers = torch.stack(torch.meshgrid(py * g + ny / 2.0, px * g + nx / 2.0, indexing="ij"), dim=-1)
+    wr = grid.regions_hw[1]
+    ii, jj = torch.arange(grid.h, device=device), torch.arange(grid.w, device=device)
+    return _Patches(
+        valid=(ny[:, None] * nx[None, :]).reshape(-1) > 0,
+        centers=centers.reshape(-1, 2),
+        region=((py[:, None] * g // grid.rh) * wr + (px[None, :] * g // grid.rw)).reshape(-1),
+        pooled_row=(py[:, None] * -(-grid.w // g) + px[None, :]).reshape(-1),
+        token_patch=((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1),
+    )
+
+
+def _slot_table(grid: _Grid, granularities: Tuple[int, ...], num_extra: int, device) -> Tuple[SlotTable, torch.Tensor]:
+    """(the slots: the extra tokens, then each φ > 0's patches; [K, R] valid patches of each
+    region under each choice)."""
+    n, r = grid.h * grid.w, grid.num_regions
+    choice = [torch.full((num_extra,), EXTRA_TOKEN_CHOICE, dtype=torch.long, device=device)]
+    region = [torch.full((num_extra,), r, dtype=torch.long, device=device)]  # region R
+    source, centers = [torch.arange(num_extra, device=device)], [torch.zeros(num_extra, 2, device=device)]
+    token_slot, region_num_patches = [], torch.zeros(len(granularities), r, device=device)
+    first_slot, coarse_rows = num_extra, num_extra + n  # source rows: E extra, h·w tokens, then pooled maps
+    for k, g in enumerate(granularities):
+        if g == 0:  # never read: φ = 0 tokens take the zero row
+            token_slot.append(torch.zeros(n, dtype=torch.long, device=device))
+            continue
+        patches = _patches(grid, g, device)
+        choice.append(torch.where(patches.valid, k, PADDING_CHOICE))
+        region.append(patches.region)
+        centers.append(patches.centers)
+        region_num_patches[k] = torch.bincount(patches.region[patches.valid], minlength=r).to(torch.float32)
+        base = num_extra if g == 1 else coarse_rows  # φ = 1 patches are the tokens themselves
+        source.append(torch.where(patches.valid, base + patches.pooled_row, 0))
+        coarse_rows += -(-grid.h // g) * -(-grid.w // g) if g > 1 else 0
+        token_slot.append(first_slot + patches.token_patch)
+        first_slot += patches.valid.shape[0]
+    cat = torch.cat
+    table = SlotTable(cat(choice), cat(region), cat(source), cat(centers), coarse_rows, cat(token_slot))
+    return table, region_num_patches
+
+
 @functools.lru_cache(maxsize=128)
 def static_layout(
     h: int,
@@ -107,68 +205,14 @@ def static_layout(
     """The layout of an h×w map (with ``num_extra`` leading extra tokens) for Φ =
     ``granularities``; ``region_size`` None means one region covering the whole map
     (layer-wise routing), padded to max(Φ)."""
-    nonzero = [g for g in granularities if g > 0]
-    if region_size is None:
-        unit = max(nonzero) if nonzero else 1
-        hp, wp = _ceil_to(h, unit), _ceil_to(w, unit)
-        rh, rw = hp, wp
-    else:
-        hp, wp = _ceil_to(h, region_size), _ceil_to(w, region_size)
-        rh = rw = region_size
-    hr, wr = hp // rh, wp // rw
-    num_regions, n = hr * wr, h * w
-    ii = torch.arange(h, device=device)
-    jj = torch.arange(w, device=device)
-    token_region = ((ii[:, None] // rh) * wr + (jj[None, :] // rw)).reshape(-1)
-
-    # Slots: the extra tokens (region R, always chosen), then the patches of each nonzero φ.
-    choice = [torch.full((num_extra,), -1, dtype=torch.long, device=device)]
-    region = [torch.full((num_extra,), num_regions, dtype=torch.long, device=device)]
-    source = [torch.arange(num_extra, device=device)]
-    centers = [torch.zeros(num_extra, 2, device=device)]
-    token_slot = []
-    region_num_patches = torch.zeros(len(granularities), num_regions, device=device)
-    first_slot, coarse_rows = num_extra, num_extra + n
-    for k, g in enumerate(granularities):
-        if g == 0:
-            token_slot.append(torch.zeros(n, dtype=torch.long, device=device))  # never read: φ = 0 tokens take the zero row
-            continue
-        gh, gw = hp // g, wp // g
-        # Valid tokens per patch along each axis, then their centre (mean of i + 0.5).
-        py = torch.arange(gh, device=device)
-        px = torch.arange(gw, device=device)
-        ny = (torch.clamp(h - py * g, min=0, max=g)).to(torch.float32)
-        nx = (torch.clamp(w - px * g, min=0, max=g)).to(torch.float32)
-        cy = py * g + ny / 2.0
-        cx = px * g + nx / 2.0
-        centers.append(torch.stack(torch.meshgrid(cy, cx, indexing="ij"), dim=-1).reshape(-1, 2))
-        patch_region = ((py[:, None] * g // rh) * wr + (px[None, :] * g // rw)).reshape(-1)
-        valid = (ny[:, None] * nx[None, :]).reshape(-1) > 0
-        choice.append(torch.where(valid, k, -2))
-        region.append(patch_region)
-        region_num_patches[k] = torch.bincount(patch_region[valid], minlength=num_regions).to(torch.float32)
-        # Source rows: φ = 1 patches are the tokens; a coarse φ's patch (py, px) is row
-        # py·ceil(w/φ) + px of its pooled map (the unpadded ceil(h/φ)×ceil(w/φ) grid).
-        pooled_w = -(-w // g)
-        pooled = (py[:, None] * pooled_w + px[None, :]).reshape(-1)
-        base = num_extra if g == 1 else coarse_rows
-        source.append(torch.where(valid, base + pooled, 0))
-        if g > 1:
-            coarse_rows += -(-h // g) * pooled_w
-        token_slot.append(first_slot + ((ii[:, None] // g) * gw + (jj[None, :] // g)).reshape(-1))
-        first_slot += gh * gw
-    slots = SlotTable(
-        choice=torch.cat(choice),
-        region=torch.cat(region),
-        source=torch.cat(source),
-        centers=torch.cat(centers),
-        num_sources=coarse_rows,
-        token_slot=torch.cat(token_slot),
-    )
+    grid = _grid(h, w, granularities, region_size)
+    ii, jj = torch.arange(h, device=device), torch.arange(w, device=device)
+    token_region = ((ii[:, None] // grid.rh) * grid.regions_hw[1] + (jj[None, :] // grid.rw)).reshape(-1)
+    slots, region_num_patches = _slot_table(grid, granularities, num_extra, device)
     return StaticLayout(
         hw=(h, w),
-        region_hw=(rh, rw),
-        regions_hw=(hr, wr),
+        region_hw=(grid.rh, grid.rw),
+        regions_hw=grid.regions_hw,
         num_extra=num_extra,
         skip_choice=granularities.index(0) if 0 in granularities else None,
         token_region=token_region,
@@ -352,8 +396,8 @@ def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
     b, n = choice.shape[0], layout.hw[0] * layout.hw[1]
     slots = layout.slots
     s = slots.num_slots
-    # A slot is a query when its region chose its granularity (extra tokens: region R, -1).
-    with_extra = torch.cat([choice, choice.new_full((b, 1), -1)], dim=1)
+    # A slot is a query when its region chose its granularity (extra tokens: region R).
+    with_extra = torch.cat([choice, choice.new_full((b, 1), EXTRA_TOKEN_CHOICE)], dim=1)
     chosen = with_extra.index_select(1, slots.region) == slots.choice  # [B, S]
     selected = chosen.view(-1).nonzero().squeeze(1)  # [T]: the data-dependent size
     # Bounds of T for graph captures (torch.export): every image keeps its extra tokens and,
