@@ -13,7 +13,13 @@ _DGE, _BUDGET = DGEOptions(), BudgetLoss()  # the DGE defaults' one home
 
 def add_dge_config(cfg: CN) -> CN:
     """Add the MODEL.PVT, MODEL.DGE, SOLVER, INPUT and DATALOADER keys to ``cfg`` (in place) and return it."""
-    # ---------------------------------------------------------------- backbones
+    _add_backbone_keys(cfg)
+    _add_dge_keys(cfg)
+    _add_training_keys(cfg)
+    return cfg
+
+
+def _add_backbone_keys(cfg: CN) -> None:
     cfg.MODEL.PVT = CN()
     # Model size: "tiny", "small", "medium" or "large" (PVT v1 hyper-parameters).
     cfg.MODEL.PVT.SIZE = "small"
@@ -29,8 +35,11 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.MODEL.PVT.FREEZE_AT = 0
     # Input size whose position-embedding grid the weights carry (224 official PVT, 256 vtpack).
     cfg.MODEL.PVT.PRETRAIN_IMG_SIZE = 224
+    # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
+    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
-    # ---------------------------------------------------------------- DGE
+
+def _add_dge_keys(cfg: CN) -> None:
     cfg.MODEL.DGE = CN()
     # Wrap every encoder block of the backbone in a Dynamic Grained Encoder.
     cfg.MODEL.DGE.ENABLED = False
@@ -55,19 +64,16 @@ def add_dge_config(cfg: CN) -> CN:
     # Learning rate of the routers relative to SOLVER.BASE_LR (1.0: the paper's single rate).
     cfg.MODEL.DGE.ROUTER_LR_FACTOR = 1.0
 
-    # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
-    cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
+def _add_training_keys(cfg: CN) -> None:
     # ---------------------------------------------------------------- solver
-    # "AdamW" (the paper's detection / segmentation recipes) or "SGD"; norms, position
-    # embeddings, class tokens and router biases never decay.
+    # "AdamW" (the paper's recipes) or "SGD"; norms, position embeddings, class tokens, router biases never decay.
     cfg.SOLVER.OPTIMIZER = "AdamW"
     # (β1, β2) of AdamW.
     cfg.SOLVER.BETAS = (0.9, 0.999)
     # p of LR_SCHEDULER_NAME "WarmupPolyLR", BASE_LR·(1 − iter / MAX_ITER)^p (name as detectron2's DeepLab).
     cfg.SOLVER.POLY_LR_POWER = 0.9
-    # TensorFloat-32 in float32 matmuls and convolutions on Ampere and newer GPUs (train_net.py): faster,
-    # ~1e-3 relative error per op; False keeps float32 exact (torch's own default has TF32 on for convolutions).
+    # TF32 in float32 matmuls and convolutions on Ampere+ GPUs (train_net.py): faster, ~1e-3 error per op.
     cfg.SOLVER.TF32 = False
 
     # ---------------------------------------------------------------- Semantic FPN
@@ -87,7 +93,6 @@ def add_dge_config(cfg: CN) -> CN:
     cfg.DATALOADER.CHECK_IMAGES = "full"
     # A box more than 1 px outside its image: "error" stops, "clip" clips it and its polygons (counted).
     cfg.DATALOADER.BOX_OUTSIDE_IMAGE = "clip"
-    return cfg
 
 
 def _all_keys(cfg: CN, prefix: str = "") -> list:

@@ -176,10 +176,10 @@ def test_ablation_switches_reach_every_dge_block(data):
         return dge_modules(model)
 
     assert blocks("--no-dge") == []
-    assert {(b.granularities, b.routing, b.dense_train) for b in blocks()} == {((1, 2, 4), "region", False)}
+    assert {(b.granularities, b.routing, b.options.dense_train) for b in blocks()} == {((1, 2, 4), "region", False)}
     assert {(b.granularities, b.region_size) for b in blocks("--granularities", "0", "1")} == {((0, 1), 1)}
     assert {b.routing for b in blocks("--routing", "layer")} == {"layer"}
-    assert {b.dense_train for b in blocks("--dense-train")} == {True}
+    assert {b.options.dense_train for b in blocks("--dense-train")} == {True}
 
 
 @pytest.mark.parametrize(

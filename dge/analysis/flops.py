@@ -228,6 +228,23 @@ def _trace(model: nn.Module, inputs: Any) -> Tuple[FlopCountAnalysis, RoutingRec
     return analysis, record
 
 
+def _layer_flops(model: nn.Module, report, dynamic: FlopCountAnalysis, vanilla: FlopCountAnalysis) -> List[LayerFlops]:
+    """Each DGE block's counted (fvcore) and analytic (Eq. 7) FLOPs, dynamic and static."""
+    t = FlopCountAnalysis.traced_name
+    stages = {name: stage for stage, items in dge_stages(model).items() for _, name, _ in items}
+    return [
+        LayerFlops(
+            name=block_name,
+            stage=stages[block_name],
+            counted=float(dynamic.total(t(block_name))),
+            counted_static=float(vanilla.total(t(block_name))),
+            analytic=float(report.dynamic_flops[i, 0]),
+            analytic_static=float(report.static[i]),
+        )
+        for i, block_name in enumerate(report.names)
+    ]
+
+
 def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> ImageFlops:
     """FLOPs of ``model`` on one image: dynamic (as routed) and static (every DGE block at
     φ = 1: the vanilla model), one trace each (one in all for a model without DGE blocks).
@@ -258,21 +275,7 @@ def analyze_image(model: nn.Module, inputs: Any, name: Optional[str] = None) -> 
     finally:
         model.train(was_training)
 
-    t = FlopCountAnalysis.traced_name
-    layers = []
-    if report is not None:
-        stages = {name: stage for stage, items in dge_stages(model).items() for _, name, _ in items}
-        for i, block_name in enumerate(report.names):
-            layers.append(
-                LayerFlops(
-                    name=block_name,
-                    stage=stages[block_name],
-                    counted=float(dynamic.total(t(block_name))),
-                    counted_static=float(vanilla.total(t(block_name))),
-                    analytic=float(report.dynamic_flops[i, 0]),
-                    analytic_static=float(report.static[i]),
-                )
-            )
+    layers = _layer_flops(model, report, dynamic, vanilla) if report is not None else []
     dyn_groups, static_groups = _group_totals(dynamic, model), _group_totals(vanilla, model)
     by_module = OrderedDict((k, (v, static_groups.get(k, 0.0))) for k, v in dyn_groups.items())
     for k, v in static_groups.items():
@@ -388,6 +391,21 @@ def _unit(flops: float) -> Tuple[float, str]:
     return 1e9, ""
 
 
+def _per_block_lines(summary: Dict, k: float, unit: str) -> List[str]:
+    lines = [
+        f"Per DGE block (mean over images): {unit}FLOPs fvcore vs analytic, dynamic and static; β",
+        f"  {'block':<44} {'fvcore':>8} {'Eq.7':>8} {'static':>8} {'Eq.7 st':>8} {'β fvcore':>15} {'β Eq.7':>7}",
+    ]
+    for layer in summary["layers"]:
+        lines.append(
+            f"  {layer['name'] or '(model)':<44} {layer['gflops']['mean'] * k:>8.3f} "
+            f"{layer['analytic_gflops']['mean'] * k:>8.3f} "
+            f"{layer['static_gflops']['mean'] * k:>8.3f} {layer['analytic_static_gflops']['mean'] * k:>8.3f} "
+            f"{layer['beta']['mean']:>7.3f} ± {layer['beta']['std']:.3f} {layer['beta_analytic']['mean']:>7.3f}"
+        )
+    return lines
+
+
 def format_flops_report(images: Sequence[ImageFlops], per_layer: bool = True) -> str:
     """The text report: one line per image, the statistics over images, the breakdown by
     module and operator, β per stage and per DGE block (fvcore beside the analytic Eq. 7
@@ -424,20 +442,7 @@ def format_flops_report(images: Sequence[ImageFlops], per_layer: bool = True) ->
         for name, v in summary["stages"].items():
             lines.append(f"  {name or '(model)':<36} {_fmt(v['beta'], digits=3)} | {v['beta_analytic']['mean']:.3f}")
         if per_layer:
-            lines.append(
-                f"Per DGE block (mean over images): {unit}FLOPs fvcore vs analytic, dynamic and static; β"
-            )
-            lines.append(
-                f"  {'block':<44} {'fvcore':>8} {'Eq.7':>8} {'static':>8} {'Eq.7 st':>8} "
-                f"{'β fvcore':>15} {'β Eq.7':>7}"
-            )
-            for l in summary["layers"]:
-                lines.append(
-                    f"  {l['name'] or '(model)':<44} {l['gflops']['mean'] * k:>8.3f} "
-                    f"{l['analytic_gflops']['mean'] * k:>8.3f} "
-                    f"{l['static_gflops']['mean'] * k:>8.3f} {l['analytic_static_gflops']['mean'] * k:>8.3f} "
-                    f"{l['beta']['mean']:>7.3f} ± {l['beta']['std']:.3f} {l['beta_analytic']['mean']:>7.3f}"
-                )
+            lines += _per_block_lines(summary, k, unit)
     titles = {
         "data movement": "Data movement (gather / scatter / pooling / indexing), 0 FLOPs:",
         "elementwise": "0 FLOPs by the fvcore/detectron2 convention (elementwise, reductions, NMS, ...):",

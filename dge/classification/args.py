@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    for add in (_data_arguments, _model_arguments, _dge_arguments, _optim_arguments, _aug_arguments, _run_arguments):
+        add(parser)
+    return parser
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", required=True, metavar="ROOT",
                       help="folder with train/<class>/* and val/<class>/* images")
@@ -65,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="square input size for training and evaluation (default: 256, the paper's)")
     data.add_argument("--workers", type=_count, default=8, help="data-loading processes per process (default: 8)")
 
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="pvt_small_dge", choices=dge_model_names(), metavar="NAME",
                        help="timm model of this project: pvt_{tiny,small,medium,large}[_dge], "
@@ -78,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="initial weights: a checkpoint of this tool, an official PVT v1, vtpack or timm "
                        "DeiT checkpoint (converted; a classifier for other classes is left out)")
 
+
+def _dge_arguments(parser: argparse.ArgumentParser) -> None:
     dge = parser.add_argument_group("dynamic grained encoder ('_dge' models only)")
     dge.add_argument("--granularities", type=_granularity, nargs="+", metavar="PHI",
                      help="candidate granularities Φ; 0 skips a region (default: %s)" % " ".join(map(str, _OPTIONS.granularities)))
@@ -93,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="in training compute all granularities and mix them (vtpack's way) instead of "
                      "only the chosen one")
 
+
+def _optim_arguments(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=_positive_int, default=300, help="(default: 300)")
     optim.add_argument("--batch-size", type=_positive_int, default=128,
@@ -107,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--min-lr", type=_non_negative, default=1e-5, help="end of the cosine decay (default: 1e-5)")
     optim.add_argument("--clip-grad", type=_non_negative, metavar="NORM", help="clip the gradient norm (default: off)")
 
+
+def _aug_arguments(parser: argparse.ArgumentParser) -> None:
     aug = parser.add_argument_group("augmentation (DeiT / vtpack defaults)")
     aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1",
                      help="timm auto-augment policy, 'none' for none (default: rand-m9-mstd0.5-inc1)")
@@ -117,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cutmix alpha, 0 for off (default: 1.0)")
     aug.add_argument("--smoothing", type=_fraction, default=0.1, help="label smoothing (default: 0.1)")
 
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default="output/classification", metavar="DIR",
                      help="checkpoints (checkpoint.pth, best.pth), metrics.json, config.yaml and TensorBoard events "
@@ -130,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="(default: 0)")
     run.add_argument("--print-freq", type=_positive_int, default=50, metavar="STEPS",
                      help="progress line every STEPS steps (default: 50)")
-    return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -166,29 +166,20 @@ class PyramidVisionTransformer(TokenModel):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         num_stages = len(depths)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        shared = dict(
+            attention=attention, num_points=num_points, qkv_bias=qkv_bias, drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate, norm_eps=norm_eps, dge=dge,
+        )
         stages, self.feature_info = [], []
         stride, cur, prev = 1, 0, in_chans
         for i in range(num_stages):
             stride *= patch_sizes[i]
+            grid = (img_size[0] // stride, img_size[1] // stride)
+            extra = 1 if global_pool == "token" and i == num_stages - 1 else 0  # PVT v1: class token in the last stage
             stages.append(
                 PyramidStage(
-                    prev,
-                    embed_dims[i],
-                    depths[i],
-                    patch_sizes[i],
-                    (img_size[0] // stride, img_size[1] // stride),
-                    num_heads[i],
-                    mlp_ratios[i],
-                    attention=attention,
-                    sr_ratio=sr_ratios[i],
-                    num_points=num_points,
-                    qkv_bias=qkv_bias,
-                    num_extra_tokens=1 if global_pool == "token" and i == num_stages - 1 else 0,
-                    drop_rate=drop_rate,
-                    attn_drop_rate=attn_drop_rate,
-                    drop_path=dpr[cur : cur + depths[i]],
-                    norm_eps=norm_eps,
-                    dge=dge,
+                    prev, embed_dims[i], depths[i], patch_sizes[i], grid, num_heads[i], mlp_ratios[i],
+                    sr_ratio=sr_ratios[i], num_extra_tokens=extra, drop_path=dpr[cur : cur + depths[i]], **shared,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f"stages.{i}"))
