@@ -6,11 +6,16 @@ Into an environment that has torch, torchvision and detectron2 (v0.6 or built fr
 also what the test suite needs. ``requirements.txt`` is the pinned set that
 ``tools/setup/setup_env.sh`` (the README's set-up) installs.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "(.+)"', (Path(__file__).parent / "dge" / "__init__.py").read_text()).group(1)
 
 setup(
     name="dge",
-    version="0.1.0",
+    version=VERSION,
     description="Dynamic Grained Encoder for Vision Transformers (detectron2 + timm)",
     license="Apache-2.0",
     packages=find_packages(include=["dge", "dge.*"]),

@@ -4,6 +4,7 @@
     python train_net.py --config-file configs/mask_rcnn_pvt_s_dge_1x.yaml --num-gpus 8
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS path/to/model.pth
     python train_net.py --config-file ... --resume           # continue the last checkpoint
+    python train_net.py --config-file ... --register-coco my_train train.json images/ DATASETS.TRAIN '("my_train",)'
 
 ``--num-gpus N`` starts N processes: one per GPU with NCCL where CUDA is available,
 otherwise N CPU processes joined by gloo. Scaling: SOLVER.IMS_PER_BATCH is the total over
@@ -23,8 +24,8 @@ from detectron2.utils.events import JSONWriter
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
-from dge.compat import cpu_ddp_support, launch
-from dge.data import CheckedDatasetMapper, check_datasets
+from dge.compat import cpu_ddp_support, launch, restart_data_iterator
+from dge.data import CheckedDatasetMapper, check_datasets, register_coco_dataset
 from dge.data.loader import build_resumable_train_loader, build_test_loader, validated_test_records
 from dge.data.augmentation import build_sem_seg_train_augmentation
 from dge.engine import (
@@ -99,10 +100,7 @@ class Trainer(DefaultTrainer):
         # iterator has not started its workers yet (ResumableLoader is lazy).
         loader = self._trainer.data_loader
         loader.batches.start = self.start_iter  # one batch per iteration
-        if hasattr(self._trainer, "_data_loader_iter_obj"):  # current detectron2: created on first use
-            self._trainer._data_loader_iter_obj = None
-        else:  # v0.6: created in SimpleTrainer.__init__
-            self._trainer._data_loader_iter = iter(loader)
+        restart_data_iterator(self._trainer)
 
     def train(self):
         if comm.is_main_process():
@@ -154,7 +152,20 @@ class Trainer(DefaultTrainer):
         return build_resumable_train_loader(cfg, CheckedDatasetMapper(cfg, is_train=True, augmentations=augmentations))
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` and ``--register-coco NAME JSON IMAGES``."""
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGES"),
+        help="register a COCO-format dataset (instances json, image folder) as NAME for DATASETS.TRAIN / TEST; "
+        "repeat for each split",
+    )
+    return parser
+
+
 def setup(args):
+    for name, json_file, image_root in getattr(args, "register_coco", None) or []:
+        register_coco_dataset(name, json_file, image_root)
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
@@ -186,7 +197,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

@@ -22,6 +22,7 @@ __all__ = [
     "coco_evaluator",
     "launch",
     "cpu_ddp_support",
+    "restart_data_iterator",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ def coco_evaluator(dataset_name: str, output_dir=None, **kwargs):
 
 
 # ---------------------------------------------------------------------------- launch
+def restart_data_iterator(trainer) -> None:
+    """Makes a detectron2 ``SimpleTrainer`` read its data loader from the start again (after
+    the loader's position changed on resume): v0.6 creates the iterator in ``__init__``,
+    current detectron2 on first use."""
+    if hasattr(trainer, "_data_loader_iter_obj"):  # current detectron2
+        trainer._data_loader_iter_obj = None
+    else:  # v0.6
+        trainer._data_loader_iter = iter(trainer.data_loader)
+
+
 def launch(main_func, num_processes: int, num_machines: int = 1, machine_rank: int = 0, dist_url=None, args=()):
     """detectron2's ``launch`` with a join that gives up after ``DGE_JOIN_TIMEOUT`` seconds and
     names the ranks that did not connect: ``num_processes`` processes per machine, one per GPU

@@ -18,7 +18,7 @@ import train_net
 from dge.analysis.calibration import randomize_routers, set_logit_offset
 from dge.config import load_config
 from dge.engine import AtomicCheckpointer, Predictor
-from dge.engine import checkpoint as checkpoint_module
+import dge.files
 from test_train_net import DEMO, FAST, run_args
 
 
@@ -153,7 +153,7 @@ def test_a_full_disk_names_the_checkpoint_and_the_cause(tmp_path, monkeypatch):
     real = builtins.open
     # Writes of the checkpoint go to /dev/full: the real ENOSPC of a full disk.
     full = lambda p, mode: real("/dev/full" if p.endswith(".tmp") else p, mode)  # noqa: E731
-    monkeypatch.setattr(checkpoint_module, "open", full, raising=False)
+    monkeypatch.setattr(dge.files, "open", full, raising=False)
     with pytest.raises(OSError, match=f"could not write {tmp_path / 'model_0001.pth'}: No space left on device"):
         AtomicCheckpointer(torch.nn.Linear(64, 64), save_dir=str(tmp_path)).save("model_0001")
 

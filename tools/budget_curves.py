@@ -55,6 +55,7 @@ from dge.data import check_datasets
 from dge.data.loader import build_test_loader
 from dge.engine import AtomicCheckpointer, build_evaluator
 from dge.layers import check_budget, record_routing
+from dge.modeling.backbone.utils import padded_size
 
 logger = logging.getLogger("dge.budget_curves")
 
@@ -131,12 +132,11 @@ def evaluate(cfg, dataset: str, output_folder: str) -> Tuple[Dict[str, float], C
     return point, forward
 
 
-def padded_size(cfg, height: int, width: int, size_divisibility: int) -> Tuple[int, int]:
+def backbone_input_size(cfg, height: int, width: int, size_divisibility: int) -> Tuple[int, int]:
     """The backbone's input size for an image of ``height`` × ``width``: resized as
     INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST (detectron2's ResizeShortestEdge) and padded."""
-    h, w = T.ResizeShortestEdge.get_output_shape(height, width, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    d = max(size_divisibility, 1)
-    return -(-h // d) * d, -(-w // d) * d
+    hw = T.ResizeShortestEdge.get_output_shape(height, width, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    return padded_size(hw, size_divisibility)
 
 
 @torch.no_grad()
@@ -151,7 +151,7 @@ def vanilla_block_flops(cfg, sizes: Sequence[int], image_hw: Tuple[int, int]) ->
     flops, by_shape = {}, {}
     for size in sizes:
         sized = scaled_test_size(cfg, size)
-        shape = padded_size(sized, *image_hw, twin.size_divisibility)
+        shape = backbone_input_size(sized, *image_hw, twin.size_divisibility)
         if shape not in by_shape:
             with record_routing() as record:
                 twin(torch.zeros(1, 3, *shape))

@@ -34,7 +34,8 @@ from dge.engine import setup_dge_logger
 from dge.analysis.calibration import block_flops, calibrate, stage_groups
 from dge.config import load_config
 from dge.data import iter_images
-from dge.engine import AtomicCheckpointer, atomic_save
+from dge.engine import AtomicCheckpointer
+from dge.files import atomic_save
 from dge.layers import check_budget, record_routing, set_budget_offsets, store_budget, stored_budgets
 
 logger = logging.getLogger("dge.calibrate_budget")

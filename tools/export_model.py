@@ -61,6 +61,7 @@ from dge.export import (
     max_difference,
 )
 from dge.layers import dge_modules
+from dge.modeling.backbone.utils import padded_size
 
 logger = logging.getLogger("dge.export")
 
@@ -96,11 +97,10 @@ def build(args):
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     elif not args.random_routers:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    divisor = max(model.backbone.size_divisibility, 1)
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     first = next(iter_images([args.export_image]))[1]
     h, w = aug.get_transform(first).apply_image(first).shape[:2]
-    default_hw = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
+    default_hw = padded_size((h, w), model.backbone.size_divisibility)
 
     def image_tensor(bgr, hw):
         img = cv2.resize(bgr, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)

@@ -20,6 +20,7 @@ from dge.engine import Predictor, setup_dge_logger
 
 import dge  # noqa: F401
 from dge.config import load_config
+from dge.modeling.backbone.utils import padded_size
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
 from dge.layers import record_routing
 from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
@@ -41,7 +42,6 @@ def main(argv=None):
         logger.warning("MODEL.WEIGHTS is empty: the gates shown are those of a randomly initialised model")
     predictor = Predictor(cfg)
     model = predictor.model
-    div = max(model.backbone.size_divisibility, 1)
     os.makedirs(args.output, exist_ok=True)
     summary = {}
     for name, bgr in tqdm.tqdm(list(iter_images(inputs, args.dataset, args.max_images)), desc="gate maps"):
@@ -49,7 +49,7 @@ def main(argv=None):
             predictions = predictor(bgr)
         resized = predictor.aug.get_transform(bgr).apply_image(bgr)
         h, w = resized.shape[:2]
-        padded = (-(-h // div) * div, -(-w // div) * div)
+        padded = padded_size((h, w), model.backbone.size_divisibility)
         stages = stage_gate_maps(model.backbone, record, padded)
         if not stages:
             raise ValueError(f"the model of {args.config_file} has no DGE blocks (MODEL.DGE.ENABLED is off)")

@@ -2,7 +2,7 @@
 evaluation of top-1 / top-5, GFLOPs and β, resumable distributed training."""
 from .args import build_parser, parse_args
 from .build import build_criterion, build_mixup, build_model, build_optimizer, build_scheduler, dge_model_names
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import load_checkpoint
 from .data import UnreadableImageError, build_dataset, build_loader, build_transforms
 from ..analysis.flops import outside_dge_flops
 from .engine import evaluate, train_one_epoch
@@ -10,7 +10,6 @@ from .trainer import format_results, run
 
 __all__ = [
     "UnreadableImageError",
-    "atomic_save",
     "build_criterion",
     "build_dataset",
     "build_loader",

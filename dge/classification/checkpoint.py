@@ -7,9 +7,9 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from ..engine.checkpoint import atomic_save
+from ..files import atomic_save
 
-__all__ = ["atomic_save", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["load_checkpoint", "rng_state", "set_rng_state"]
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -3,11 +3,27 @@ import os
 from typing import Iterable
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
-__all__ = ["check_datasets", "CheckedDatasetMapper"]
+__all__ = ["check_datasets", "register_coco_dataset", "CheckedDatasetMapper"]
 
 _PATH_KEYS = ("json_file", "image_root", "sem_seg_root", "panoptic_root")
+
+
+def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:
+    """Registers a COCO-format instances file and its image folder as ``name`` (detectron2's
+    ``register_coco_instances``); again with the same files: nothing to do; ``name`` taken
+    by other files, or a path that does not exist: a ValueError / FileNotFoundError."""
+    for what, path in (("annotation file", json_file), ("image folder", image_root)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"dataset {name!r}: the {what} {path!r} does not exist")
+    if name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if (meta.get("json_file"), meta.get("image_root")) == (json_file, image_root):
+            return
+        raise ValueError(f"dataset {name!r} is already registered (with {meta.get('json_file')!r}); choose another name")
+    register_coco_instances(name, {}, json_file, image_root)
 
 
 def check_datasets(names: Iterable[str]) -> None:

@@ -6,6 +6,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .validation import check_image
+
 __all__ = ["DEFAULT_PHOTOS", "UnreadableImage", "add_image_arguments", "iter_images"]
 
 # Real photographs inside the scikit-image package (no download).
@@ -20,8 +22,6 @@ class UnreadableImage(ValueError):
 
 def _read_bgr(path: str) -> np.ndarray:
     import cv2
-
-    from .validation import check_image
 
     problem = check_image(path, None, None, full=True)  # OpenCV reads a truncated JPEG with a warning only
     if problem:

@@ -39,6 +39,7 @@ __all__ = [
     "ResumableLoader",
     "build_resumable_train_loader",
     "build_test_loader",
+    "check_num_classes",
     "step_seed",
     "validated_test_records",
 ]
@@ -182,6 +183,21 @@ def dataset_records(names: Sequence[str], **kwargs) -> List[dict]:
         raise ValueError(f"the annotation file {' or '.join(files) or '?'} of dataset {', '.join(names)} is not valid JSON: {e}") from e
 
 
+def check_num_classes(cfg, names: Sequence[str]) -> None:
+    """A detector whose MODEL.ROI_HEADS.NUM_CLASSES differs from its loaded datasets' class
+    count stops here, naming both (else a box head fails later on an index out of bounds)."""
+    if "RCNN" not in cfg.MODEL.META_ARCHITECTURE:
+        return
+    for name in names:
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            raise ValueError(
+                f"dataset {name!r} has {len(classes)} classes ({', '.join(classes[:5])}"
+                f"{', ...' if len(classes) > 5 else ''}); MODEL.ROI_HEADS.NUM_CLASSES is "
+                f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}: set it to {len(classes)}"
+            )
+
+
 def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = None) -> ResumableLoader:
     """detectron2's training set of ``cfg.DATASETS.TRAIN`` (same filtering), validated
     (``dge.data.validation``), as a ``ResumableLoader``; ``seed`` None: ``cfg.SEED`` if >= 0,
@@ -192,6 +208,7 @@ def build_resumable_train_loader(cfg, mapper: Callable, seed: Optional[int] = No
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
+    check_num_classes(cfg, cfg.DATASETS.TRAIN)
     records, _ = validate_records(
         records, ",".join(cfg.DATASETS.TRAIN), cfg.DATALOADER.CHECK_IMAGES, cfg.DATALOADER.BOX_OUTSIDE_IMAGE
     )

@@ -23,6 +23,8 @@ import numpy as np
 from detectron2.structures import BoxMode
 from PIL import Image
 
+from ..files import atomic_write_text
+
 __all__ = ["CHECK_MODES", "BOX_POLICIES", "DatasetError", "ValidationReport", "check_image", "validate_records"]
 
 CHECK_MODES = ("none", "headers", "full")
@@ -110,8 +112,6 @@ def _check_images(records: Sequence[dict], mode: str, report: ValidationReport) 
         progress.close()
     report.images_checked = len(jobs)
     errors = [e for e in errors if e]
-    from ..engine.checkpoint import atomic_write_text  # (dge.engine imports dge.data)
-
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     atomic_write_text(json.dumps({"errors": errors}), cache)
     return errors

@@ -4,13 +4,13 @@ import glob
 import os
 from typing import Dict, List
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
+from ..files import atomic_save, atomic_write_text
 from ..layers import dge_modules, is_router_state
 
-__all__ = ["AtomicCheckpointer", "atomic_save", "atomic_write_text", "routing_options", "remove_unfinished_writes"]
+__all__ = ["AtomicCheckpointer", "routing_options", "remove_unfinished_writes"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
 ROUTING_KEY = "dge_routing"  # the checkpoint entry of ``routing_options``
@@ -33,37 +33,6 @@ def _describe(options: List[Dict]) -> str:
     )
 
 
-def _first_os_error(error: BaseException):
-    """The first OSError in ``error``'s chain (torch.save reports a full disk as a RuntimeError
-    whose cause is the OSError), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _atomic_write(path: str, mode: str, write) -> None:
-    """``write(f)`` into ``path + ".tmp"``, flushed to disk, then renamed over ``path``; on any
-    failure (disk full, interrupted) the temporary file is removed and ``path`` is untouched."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # no partial file stays behind to fill the disk
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        cause = _first_os_error(e)
-        if cause is not None:
-            raise OSError(cause.errno, f"could not write {path}: {cause.strerror or cause}") from e
-        raise
-
-
 def remove_unfinished_writes(folder: str) -> List[str]:
     """Removes the checkpoint files (``*.pth.tmp``, ``last_checkpoint.tmp``) that an
     interrupted ``atomic_save`` left in ``folder`` (a process killed mid-write); returns
@@ -73,16 +42,6 @@ def remove_unfinished_writes(folder: str) -> List[str]:
     for path in stale:
         os.remove(path)
     return stale
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` of ``obj`` to ``path`` in one rename: a crash leaves the previous file whole."""
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """``path`` replaced by ``text`` in one rename (readers see the old or the new file)."""
-    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def _part(key: str) -> str:

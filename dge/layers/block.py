@@ -64,6 +64,8 @@ class EncoderBlock(nn.Module):
     When ``context is queries`` (the vanilla call) ``norm1`` runs once.
     """
 
+    block_keys = "vanilla"  # loads DGE checkpoints too: dge.layers.keys.map_block_keys
+
     def __init__(
         self,
         dim: int,

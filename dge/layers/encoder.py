@@ -189,6 +189,8 @@ class DynamicGrainedEncoder(nn.Module):
     ``specialize_to_input``) lets a trace take the eager shortcuts.
     """
 
+    block_keys = "wrapped"  # loads vanilla checkpoints too: dge.layers.keys.map_block_keys
+
     def __init__(
         self,
         block: nn.Module,

@@ -39,16 +39,16 @@ def map_block_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str, w
 
 def map_dge_keys(state_dict: MutableMapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """A copy of ``state_dict`` with every block's keys named as ``model`` names them (what
-    loading into ``model`` does on the way, for code that compares keys before it loads)."""
-    from .block import EncoderBlock
-    from .encoder import DynamicGrainedEncoder
-
+    loading into ``model`` does on the way, for code that compares keys before it loads).
+    Modules that load through ``map_block_keys`` say how in ``block_keys``: ``"wrapped"`` (a
+    DGE wrapper) or ``"vanilla"`` (a vanilla block)."""
     out = dict(state_dict)
     wrappers = set()
     for name, m in model.named_modules():
-        if isinstance(m, DynamicGrainedEncoder):
+        kind = getattr(m, "block_keys", None)
+        if kind == "wrapped":
             wrappers.add(name)
             map_block_keys(out, name + ".", wrapped=True)
-        elif isinstance(m, EncoderBlock) and name.rpartition(".")[0] not in wrappers:
+        elif kind == "vanilla" and name.rpartition(".")[0] not in wrappers:
             map_block_keys(out, name + ".", wrapped=False)
     return out

@@ -24,6 +24,7 @@ __all__ = [
     "PatchEmbed",
     "build_blocks",
     "check_input_size",
+    "padded_size",
     "embed_tokens",
     "init_transformer_weights",
     "make_attention",
@@ -122,6 +123,13 @@ def embed_tokens(
     if e:
         tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
     return tokens + resample_pos_embed(pos_embed, pos_grid, hw, e), hw
+
+
+def padded_size(hw: Tuple[int, int], size_divisibility: int) -> Tuple[int, int]:
+    """(H, W) rounded up to multiples of ``size_divisibility`` (detectron2's ImageList
+    padding; 0 or 1: unchanged): the size a backbone sees for an image of ``hw``."""
+    d = max(int(size_divisibility), 1)
+    return -(-hw[0] // d) * d, -(-hw[1] // d) * d
 
 
 def check_input_size(x: torch.Tensor, min_size: int, what: str) -> None:

@@ -17,6 +17,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, SemanticSegmentor
 from detectron2.utils.events import get_event_storage
 
+from ..backbone.utils import padded_size
 from ...layers import BudgetLoss, beta_range, check_budget, dge_modules, record_routing, use_budget
 
 __all__ = ["BudgetLossMixin", "DGERCNN", "DGESemanticSegmentor"]
@@ -93,8 +94,7 @@ class BudgetLossMixin:
         gamma = self.budget_loss.budget
         if not blocks or self.budget_loss.weight == 0:
             return []
-        div = max(self.backbone.size_divisibility, 1)
-        h, w = (-(-s // div) * div for s in image_hw)
+        h, w = padded_size(image_hw, self.backbone.size_divisibility)
         x = torch.zeros(1, 3, h, w, device=self.device)
         was_training = self.training
         self.eval()
