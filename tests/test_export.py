@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dge.analysis.calibration import randomize_routers
+from dge.analysis.export_checks import swap_check
 from dge.export import ExportedModel, ExportError, RoutedOutputs, export_module, max_difference
 from dge.layers import dge_modules
 from dge.modeling.backbone import PyramidVisionTransformer
@@ -66,11 +67,9 @@ def test_exported_under_all_fine_routing_runs_mixed_routing_and_the_reverse():
     """The graph does not keep the routing it was traced with: traced with every region at
     φ = 1 and run with routers that mix granularities (their weights loaded into the same
     program), and the other way round (``tools/export_model.py --swap-check``)."""
-    import export_model
-
     model = tiny_dge_pyramid()
     example, *others = inputs(3)
-    rows = export_model.swap_check(model, example, others)
+    rows = swap_check(model, example, others)
     assert [r["case"] for r in rows] == ["traced all-fine, run as routed", "traced as routed, run all-fine"]
     assert all(r["max_abs_diff"] < 1e-4 for r in rows)
     assert max(rows[0]["betas"]) < 0.95 and min(rows[1]["betas"]) >= 1.0  # mixed, then all φ = 1 (+ routers)

@@ -95,10 +95,10 @@ def test_bad_inputs_stop_with_a_clear_message(trained, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"has no DGE routers .* vanilla or ImageNet checkpoint"):
         calibrate("--target-beta", "0.5", "--images", "dge_synthetic_train", "MODEL.WEIGHTS", vanilla)
     # Below the all-coarsest routing: stored at the closest reachable β, with a warning.
-    import calibrate_budget
+    from dge.analysis import inference_budgets
 
     warned = []
-    monkeypatch.setattr(calibrate_budget.logger, "warning", warned.append)
+    monkeypatch.setattr(inference_budgets.logger, "warning", warned.append)
     result = calibrate("--target-beta", "0.01", "--images", "dge_synthetic_train", "--output",
                        str(tmp_path / "low.pth"), "MODEL.WEIGHTS", trained)
     row = result["budgets"][0]

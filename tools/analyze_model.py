@@ -21,11 +21,8 @@ MODEL.DGE.INIT_FINE_PROB 0.34 makes an untrained router route by content).
 What a Mask R-CNN count includes is detectron2's inference: the box head runs on the RPN's
 post-NMS proposals (MODEL.RPN.POST_NMS_TOPK_TEST, 1000), the mask head on the detections
 (at most TEST.DETECTIONS_PER_IMAGE = 100 scoring above MODEL.ROI_HEADS.SCORE_THRESH_TEST),
-0.53 GFLOPs per mask RoI. A randomly initialised model has no detection above 0.05, hence
-no mask RoI; SCORE_THRESH_TEST 0 gives 100. Vanilla models so counted on one synthetic
-image (random init) against the paper: Mask R-CNN PVT-S 800×1280 251.7G (Table 2: 251G)
-and DPVT-S 186.5G (186G), with 1000 box RoIs and no mask RoI (100 mask RoIs add 53.0G);
-Semantic FPN PVT-S 512×2048 226.4G (Table 3: 226G).
+so a randomly initialised model (no detection above 0.05) counts no mask RoI;
+SCORE_THRESH_TEST 0 gives 100. The counts against the paper's are in projects/DGE/README.md.
 
 Examples:
   python tools/analyze_model.py --tasks flop --config-file configs/mask_rcnn_pvt_s_1x.yaml \\
@@ -48,11 +45,12 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from fvcore.nn import parameter_count_table
 from fvcore.nn.jit_handles import generic_activation_jit
-from torch.nn import functional as F
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
 from dge.engine import setup_dge_logger
-from dge.analysis import ImageFlops, analyze_images, flops_summary, format_flops_report
+from dge.analysis import analyze_images, flops_summary, format_flops_report
+from dge.analysis.flops import synthetic_images
+from dge.analysis.plots import plot_block_betas
 from dge.analysis.flop_count import detectron2_analysis
 from dge.config import add_dge_config, merge_config
 
@@ -85,56 +83,12 @@ def build(cfg):
     return model.eval(), weights
 
 
-def synthetic_images(size, num: int, device) -> Iterator[List[Dict[str, Any]]]:
-    """``num`` batches of one H×W image: uniform random colours on a grid of cells of side
-    1, 4, 16, 64, ... pixels (cycling), upsampled bilinearly to H×W; seeded by index."""
-    h, w = size
-    for i in range(num):
-        cell = 4 ** (i % 4)
-        g = torch.Generator().manual_seed(i)
-        low = torch.rand(1, 3, max(h // cell, 1), max(w // cell, 1), generator=g)
-        image = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255.0
-        yield [{"image": image.to(device), "height": h, "width": w, "file_name": f"synthetic_{i}_cell{cell}"}]
-
-
 def model_inputs(cfg, args) -> Iterator[List[Dict[str, Any]]]:
     if args.input_size:
         return synthetic_images(args.input_size, args.num_inputs, cfg.MODEL.DEVICE)
     dataset = cfg.DATASETS.TEST[0]
     logger.info(f"Inputs: the first {args.num_inputs} images of {dataset} (test-time resize)")
     return itertools.islice(build_detection_test_loader(cfg, dataset), args.num_inputs)
-
-
-def plot_block_betas(images: List[ImageFlops], path: str) -> None:
-    """Box plot of β per DGE block over the images (fvcore), the analytic Eq. 7 mean as a
-    marker, one colour per stage (the paper's Fig. 5c)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = images[0].layers
-    stages = list(dict.fromkeys(l.stage for l in layers))
-    betas = [[im.layers[i].beta for im in images] for i in range(len(layers))]
-    analytic = [np.mean([im.layers[i].beta_analytic for im in images]) for i in range(len(layers))]
-    colours = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2.0), 4.0))
-    box = ax.boxplot(betas, positions=range(len(layers)), widths=0.6, patch_artist=True)
-    for i, patch in enumerate(box["boxes"]):
-        patch.set_facecolor(colours(stages.index(layers[i].stage) % 10))
-        patch.set_alpha(0.6)
-    ax.plot(range(len(layers)), analytic, "k_", markersize=12, label="analytic (Eq. 7), mean")
-    labels = [f"s{stages.index(l.stage) + 1}.{l.name.rsplit('.', 1)[-1]}" for l in layers]
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(labels, rotation=90, fontsize=8)
-    ax.set_ylim(0.0, 1.05)
-    ax.set_xlabel("DGE block (stage.block)")
-    ax.set_ylabel("complexity ratio β")
-    ax.set_title(f"Complexity ratio per block over {len(images)} image(s) (fvcore)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def do_flop(cfg, args) -> Dict[str, Any]:

@@ -38,91 +38,29 @@ import os
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 
-
 import dge  # noqa: F401  (registration)
-from dge.engine import setup_dge_logger
 from dge.analysis.calibration import calibrate, randomize_routers
+from dge.analysis.export_checks import check_exports, detectron2_export_source, swap_check, timm_export_source
 from dge.config import load_config
 from dge.data import iter_images
-from dge.export import (
-    FILE_SUFFIXES,
-    FORMATS,
-    ExportError,
-    check_detectron2_format,
-    ExportedModel,
-    RoutedOutputs,
-    binary_differences,
-    export_detectron2_model,
-    export_module,
-    max_difference,
-)
+from dge.engine import setup_dge_logger
+from dge.export import FILE_SUFFIXES, FORMATS, ExportError, check_detectron2_format
+from dge.export import export_detectron2_model, export_module
 from dge.layers import dge_modules
-from dge.modeling.backbone.utils import padded_size
 
 logger = logging.getLogger("dge.export")
 
 
 def build(args):
-    """-> (kind, eager module, preprocess(bgr uint8 [H, W, 3]) -> its input, default (H, W))."""
+    """-> (kind, eager module, preprocess(bgr uint8 [H, W, 3], (H, W)) -> its input, default (H, W))."""
     if args.timm_model:
-        import timm
-
-        model = timm.create_model(args.timm_model, pretrained=False).eval()
-        if args.weights:
-            from dge.modeling.backbone.convert import unwrap_checkpoint
-
-            model.load_state_dict(unwrap_checkpoint(torch.load(args.weights, map_location="cpu")))
-        mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
-        std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
-
-        def preprocess(bgr, hw):
-            rgb = cv2.resize(bgr, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)[:, :, ::-1]
-            x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None] / 255.0
-            return (x - mean) / std
-
-        return "module", RoutedOutputs(model).eval(), preprocess, tuple(model.pretrained_cfg["input_size"][1:])
-
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import transforms as T
-    from detectron2.modeling import build_model
-
+        return timm_export_source(args.timm_model, args.weights)
     cfg = load_config(args.config_file, args.opts)
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    elif not args.random_routers:
+    if not cfg.MODEL.WEIGHTS and not args.random_routers:
         logger.warning("MODEL.WEIGHTS is empty: the model is randomly initialised")
-    aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-    first = next(iter_images([args.export_image]))[1]
-    h, w = aug.get_transform(first).apply_image(first).shape[:2]
-    default_hw = padded_size((h, w), model.backbone.size_divisibility)
-
-    def image_tensor(bgr, hw):
-        img = cv2.resize(bgr, (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
-        img = img[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else img
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
-
-    if args.what == "model":
-        return "detectron2", model, image_tensor, default_hw
-
-    def preprocess(bgr, hw):
-        x = image_tensor(bgr, hw)
-        return ((x - model.pixel_mean) / model.pixel_std)[None]
-
-    return "module", RoutedOutputs(model.backbone.bottom_up).eval(), preprocess, default_hw
-
-
-def beta_of(outputs) -> float:
-    """The image's β in an output: ``dge.beta`` of a module, ``output["dge"]["beta"]`` of a
-    detectron2 model (nan without DGE blocks)."""
-    if isinstance(outputs, dict):
-        return float(outputs["dge.beta"][0]) if "dge.beta" in outputs else float("nan")
-    return float(outputs[0]["dge"]["beta"]) if "dge" in outputs[0] else float("nan")
+    return detectron2_export_source(cfg, args.what, next(iter_images([args.export_image]))[1])
 
 
 def main(argv=None):
@@ -188,66 +126,14 @@ def main(argv=None):
         files[fmt] = path
         logger.info(f"{fmt}: wrote {path} (input {list(example.shape)})")
 
-    rows = []
-    if args.check:
-        loaded = {fmt: ExportedModel(path) for fmt, path in files.items()}
-        for image_name, bgr in iter_images(args.check):
-            x = preprocess(bgr, hw)
-            with torch.no_grad():
-                eager = run_eager(x)
-            for fmt, exported in loaded.items():
-                out = exported(x)
-                row = dict(image=image_name, format=fmt, max_abs_diff=max_difference(eager, out))
-                row.update(beta_eager=beta_of(eager), beta_exported=beta_of(out))
-                detections = ""
-                if kind == "detectron2" and "instances" in out[0]:
-                    row.update(detections_eager=len(eager[0]["instances"]), detections_exported=len(out[0]["instances"]))
-                    flipped, pixels = binary_differences(eager, out)
-                    row.update(mask_pixels_differing=flipped, mask_pixels=pixels)
-                    detections = (
-                        f", detections {row['detections_eager']} / {row['detections_exported']}, "
-                        f"mask pixels differing {flipped} of {pixels}"
-                    )
-                rows.append(row)
-                logger.info(
-                    f"{image_name:12s} {fmt:11s} max |exported - eager| = {row['max_abs_diff']:.3g}, "
-                    f"β eager {row['beta_eager']:.4f}, exported {row['beta_exported']:.4f}{detections}"
-                )
-    swaps = swap_check(model, example, [preprocess(bgr, hw) for _, bgr in iter_images(args.check)]) if args.swap_check else []
+    images = list(iter_images(args.check))
+    inputs = [(n, preprocess(bgr, hw)) for n, bgr in images]
+    rows = check_exports(files, run_eager, inputs, kind == "detectron2") if images else []
+    swaps = swap_check(model, example, [preprocess(bgr, hw) for _, bgr in images]) if args.swap_check else []
     if args.check:
         with open(os.path.join(args.output, name + "_check.json"), "w") as f:
             json.dump(dict(files=files, input_size=list(hw), checks=rows, swap_checks=swaps), f, indent=2)
     return dict(files=files, checks=rows, swap_checks=swaps, failed=failed)
-
-
-def swap_check(model, example, images):
-    """A torch.export program does not keep the routing it was traced with: trace it with
-    every region at φ = 1 (a +30 offset on the finest logits), then load the model's own
-    router weights into the program and run it on ``images``; and the reverse. Returns one
-    row per direction: the largest difference to eager (outputs and β) and the β per image."""
-    from dge.analysis.calibration import set_logit_offset
-
-    if not dge_modules(model):
-        raise ValueError("--swap-check needs a model with DGE blocks")
-    own = {k: v.clone() for k, v in model.state_dict().items()}
-    set_logit_offset(model, [30.0])
-    all_fine = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = []
-    for label, traced, run in (("traced all-fine, run as routed", all_fine, own), ("traced as routed, run all-fine", own, all_fine)):
-        model.load_state_dict(traced)
-        program = torch.export.export(model, (example,)).module()
-        program.load_state_dict(run)
-        model.load_state_dict(run)
-        worst, betas = 0.0, []
-        for x in images:
-            with torch.no_grad():
-                eager, out = model(x), program(x)
-            worst = max(worst, max_difference(eager, out), abs(beta_of(eager) - beta_of(out)))
-            betas.append(round(beta_of(out), 4))
-        rows.append(dict(case=label, max_abs_diff=worst, betas=betas))
-        logger.info(f"{label}: max |exported - eager| (outputs and β) = {worst:.3g}, β per image {betas}")
-    model.load_state_dict(own)
-    return rows
 
 
 if __name__ == "__main__":

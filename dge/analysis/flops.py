@@ -11,11 +11,12 @@ exactly the vanilla blocks, without router.
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..layers import (
     DynamicGrainedEncoder,
@@ -30,6 +31,7 @@ from .flop_count import CATEGORIES, FlopCountAnalysis
 
 __all__ = [
     "ImageFlops",
+    "synthetic_images",
     "outside_dge_flops",
     "LayerFlops",
     "analyze_image",
@@ -458,3 +460,15 @@ def format_flops_report(images: Sequence[ImageFlops], per_layer: bool = True) ->
     else:
         lines.append("Unsupported ops: none (every op executed is counted or listed above).")
     return "\n".join(lines)
+
+
+def synthetic_images(size, num: int, device) -> Iterator[List[Dict[str, Any]]]:
+    """``num`` batches of one H×W image: uniform random colours on a grid of cells of side
+    1, 4, 16, 64, ... pixels (cycling), upsampled bilinearly to H×W; seeded by index."""
+    h, w = size
+    for i in range(num):
+        cell = 4 ** (i % 4)
+        g = torch.Generator().manual_seed(i)
+        low = torch.rand(1, 3, max(h // cell, 1), max(w // cell, 1), generator=g)
+        image = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255.0
+        yield [{"image": image.to(device), "height": h, "width": w, "file_name": f"synthetic_{i}_cell{cell}"}]

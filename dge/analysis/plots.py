@@ -7,6 +7,7 @@ import numpy as np
 __all__ = [
     "METRIC_LABELS",
     "pyplot",
+    "plot_block_betas",
     "plot_accuracy_complexity",
     "plot_budget_curves",
     "plot_correlation_histogram",
@@ -208,4 +209,30 @@ def plot_layer_betas(series: Sequence[Dict], path: str) -> str:
     ax.set_ylim(0.0, 1.05)
     ax.set_title(f"Complexity ratio per {' / '.join(units)}", fontsize=9)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_block_betas(images: Sequence, path: str) -> str:
+    """Box plot of β per DGE block over the images (fvcore), the analytic Eq. 7 mean as a
+    marker, one colour per stage (the paper's Fig. 5c); ``images`` are ``ImageFlops``."""
+    plt = pyplot()
+    layers = images[0].layers
+    stages = list(dict.fromkeys(l.stage for l in layers))
+    betas = [[im.layers[i].beta for im in images] for i in range(len(layers))]
+    analytic = [np.mean([im.layers[i].beta_analytic for im in images]) for i in range(len(layers))]
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(layers) + 2.0), 4.0))
+    box = ax.boxplot(betas, positions=range(len(layers)), widths=0.6, patch_artist=True)
+    for i, patch in enumerate(box["boxes"]):
+        patch.set_facecolor(colours(stages.index(layers[i].stage) % 10))
+        patch.set_alpha(0.6)
+    ax.plot(range(len(layers)), analytic, "k_", markersize=12, label="analytic (Eq. 7), mean")
+    labels = [f"s{stages.index(l.stage) + 1}.{l.name.rsplit('.', 1)[-1]}" for l in layers]
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=8)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("DGE block (stage.block)")
+    ax.set_ylabel("complexity ratio β")
+    ax.set_title(f"Complexity ratio per block over {len(images)} image(s) (fvcore)")
+    ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
