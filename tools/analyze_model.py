@@ -2,27 +2,18 @@
 """FLOPs, parameters, activations and structure of a dge model: detectron2's
 tools/analyze_model.py, with FLOPs per image that follow each image's DGE routing.
 
-``--tasks flop`` traces every image on its own (``dge.analysis.analyze_images``): the model
-as routed (dynamic) and the same model with every DGE block at granularity 1 (static: the
-vanilla model). It prints the GFLOPs of each image, their mean ± std, min and max, the
-breakdown by module and operator, the complexity ratio β per stage and per DGE block (the
-paper's Fig. 5c) counted by fvcore beside the analytic count of Eq. 7, and every op counted
-0 or not counted at all; ``--output DIR`` also writes the per-block β as a PNG plot and
-``--json PATH`` everything as JSON.
+``--tasks flop`` traces every image on its own (``dge.analysis.analyze_images``), as routed
+(dynamic) and with every DGE block at φ = 1 (static: the vanilla model), and prints each
+image's GFLOPs, their statistics, the breakdown by module and operator, β per stage and per
+DGE block (Fig. 5c; fvcore beside Eq. 7) and every op counted 0 or not at all; ``--output
+DIR`` plots β per block, ``--json PATH`` writes everything.
 
-Inputs are the first N images of cfg.DATASETS.TEST[0] after the test-time resize (e.g.
-``DATASETS.TEST '("dge_synthetic_val",)'``, the built-in synthetic set), or, with
-``--input-size H W``, N synthetic H×W images (smooth random colour fields, one smoothness
-scale per image, so that a trained router sees different content). Without MODEL.WEIGHTS
-the model is randomly initialised: FLOPs of the vanilla parts do not depend on weights, the
-routing is that of an untrained router (its initial bias picks the finest granularity;
-MODEL.DGE.INIT_FINE_PROB 0.34 makes an untrained router route by content).
-
-What a Mask R-CNN count includes is detectron2's inference: the box head runs on the RPN's
-post-NMS proposals (MODEL.RPN.POST_NMS_TOPK_TEST, 1000), the mask head on the detections
-(at most TEST.DETECTIONS_PER_IMAGE = 100 scoring above MODEL.ROI_HEADS.SCORE_THRESH_TEST),
-so a randomly initialised model (no detection above 0.05) counts no mask RoI;
-SCORE_THRESH_TEST 0 gives 100. The counts against the paper's are in projects/DGE/README.md.
+Inputs: the first N images of cfg.DATASETS.TEST[0] after the test-time resize, or with
+``--input-size H W`` N synthetic H×W colour fields of varied smoothness. Without
+MODEL.WEIGHTS the model is random (seed 0): an untrained router picks the finest grain
+(MODEL.DGE.INIT_FINE_PROB 0.34 makes it route by content). A Mask R-CNN count is
+detectron2's inference: box head on the post-NMS proposals, mask head on the detections (a
+random model has none above 0.05; SCORE_THRESH_TEST 0 gives 100).
 
 Examples:
   python tools/analyze_model.py --tasks flop --config-file configs/mask_rcnn_pvt_s_1x.yaml \\
@@ -30,7 +21,6 @@ Examples:
   python tools/analyze_model.py --tasks flop parameter --config-file configs/mask_rcnn_pvt_s_dge_1x.yaml \\
       --num-inputs 20 --json flops.json --output out/ DATASETS.TEST '("dge_synthetic_val",)' MODEL.WEIGHTS model.pth
 """
-import itertools
 import json
 import logging
 import os
@@ -40,18 +30,15 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from fvcore.nn import parameter_count_table
-from fvcore.nn.jit_handles import generic_activation_jit
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
 from dge.engine import setup_dge_logger
 from dge.analysis import analyze_images, flops_summary, format_flops_report
-from dge.analysis.flops import synthetic_images
+from dge.analysis.flops import activation_count, flop_inputs
 from dge.analysis.plots import plot_block_betas
-from dge.analysis.flop_count import detectron2_analysis
 from dge.config import add_dge_config, merge_config
 
 logger = logging.getLogger("detectron2")
@@ -84,11 +71,9 @@ def build(cfg):
 
 
 def model_inputs(cfg, args) -> Iterator[List[Dict[str, Any]]]:
-    if args.input_size:
-        return synthetic_images(args.input_size, args.num_inputs, cfg.MODEL.DEVICE)
-    dataset = cfg.DATASETS.TEST[0]
-    logger.info(f"Inputs: the first {args.num_inputs} images of {dataset} (test-time resize)")
-    return itertools.islice(build_detection_test_loader(cfg, dataset), args.num_inputs)
+    if not args.input_size:
+        logger.info(f"Inputs: the first {args.num_inputs} images of {cfg.DATASETS.TEST[0]} (test-time resize)")
+    return flop_inputs(cfg, args.input_size, args.num_inputs)
 
 
 def do_flop(cfg, args) -> Dict[str, Any]:
@@ -120,28 +105,19 @@ def do_flop(cfg, args) -> Dict[str, Any]:
 
 
 def do_activation(cfg, args) -> Dict[str, Any]:
-    """Activations per image, counted as detectron2's analyze_model does
-    (``activation_count_operators``: outputs of conv / linear / matmul), plus the outputs of
-    fused attention."""
     model, _ = build(cfg)
-    sdpa = {"aten::scaled_dot_product_attention": generic_activation_jit()}
-    totals = [
-        sum(detectron2_analysis.activation_count_operators(model, data, supported_ops=sdpa).values())
-        for data in model_inputs(cfg, args)
-    ]
+    totals = [activation_count(model, data) for data in model_inputs(cfg, args)]
     n = len(totals)
     logger.info(f"Total (million) activations over {n} image(s): {np.mean(totals):.1f} ± {np.std(totals):.1f}")
     return {"activations_million": totals}
 
 
 def do_parameter(cfg, args) -> None:
-    model, _ = build(cfg)
-    logger.info("Parameter count:\n" + parameter_count_table(model, max_depth=5))
+    logger.info("Parameter count:\n" + parameter_count_table(build(cfg)[0], max_depth=5))
 
 
 def do_structure(cfg, args) -> None:
-    model, _ = build(cfg)
-    logger.info("Model structure:\n" + str(model))
+    logger.info("Model structure:\n" + str(build(cfg)[0]))
 
 
 TASKS = {"flop": do_flop, "activation": do_activation, "parameter": do_parameter, "structure": do_structure}

@@ -29,42 +29,25 @@ initialised (seed 0), which the outputs say: its coefficients are not the paper'
 accuracy is chance.
 """
 import argparse
-import csv
 import json
 import logging
 import os
-import sys
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List
 
-import numpy as np
 import torch
-import tqdm
 from timm.data import resolve_data_config
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-
-from dge.engine import setup_dge_logger
-from dge.analysis.plots import (
-    plot_accuracy_complexity,
-    plot_correlation_histogram,
-    plot_layer_histograms,
-    plot_layer_variance,
-)
-from dge.analysis.redundancy import RedundancyProbe, RedundancyStats, stats_to_dict
-from dge.classification import (
-    build_dataset,
-    build_model,
-    build_transforms,
-    dge_model_names,
-    load_checkpoint,
-)
-from dge.classification.trainer import load_weights
-from dge.data import DEFAULT_PHOTOS, iter_images
+from dge.analysis.redundancy import stats_to_dict
+from dge.analysis.redundancy_report import RANDOM_INIT, accuracy_curve, folder_batches, photo_batches, probed_model
+from dge.analysis.redundancy_report import run_pass, summary_line, write_statistics
+from dge.classification import build_dataset, build_transforms, dge_model_names, load_checkpoint
+from dge.data import DEFAULT_PHOTOS
+from dge.engine import run_tool, setup_dge_logger
 
 logger = logging.getLogger("dge.analyze_redundancy")
 
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
-RANDOM_INIT = "random initialisation, seed 0 (no --weights)"
 
 
 def vanilla_model_names() -> List[str]:
@@ -105,130 +88,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"{flag} must be >= {low}; got {value}")
 
 
-def build(args: argparse.Namespace, classes: Optional[List[str]], device: torch.device) -> Tuple[torch.nn.Module, str]:
-    """(the model in eval mode on ``device``, what its weights are)."""
-    torch.manual_seed(0)
-    model = build_model(args.model, len(classes) if classes else 0, args.input_size, drop_path=0.0)
-    weights = RANDOM_INIT
-    if args.weights:
-        missing = load_weights(model, args.weights)
-        weights = args.weights
-        if missing:
-            logger.warning(f"--weights {args.weights!r} lacks {len(missing)} tensors (left random): {missing[:4]}")
-            if classes and any(k.startswith("head.") for k in missing):
-                logger.warning("the classifier head is random: the accuracy curve is that of a random classifier")
-    else:
-        logger.warning("no --weights: the model is randomly initialised; its coefficients and accuracy are not the "
-                       "paper's")
-    return model.eval().to(device), weights
-
-
-def photo_batches(inputs: List[str], transform, batch_size: int, max_images: Optional[int]):
-    """(names, [(images [B, 3, S, S], targets [B] of -1)]) from ``iter_images``."""
-    from PIL import Image
-
-    names, tensors = [], []
-    for name, bgr in iter_images(inputs, max_images=max_images):
-        names.append(name)
-        tensors.append(transform(Image.fromarray(bgr[:, :, ::-1].copy())))
-    if not tensors:
-        raise FileNotFoundError(
-            f"no images found in --input {inputs}: give image files, folders of images or skimage:NAME"
-        )
-    batches = []
-    for i in range(0, len(tensors), batch_size):
-        chunk = torch.stack(tensors[i : i + batch_size])
-        batches.append((chunk, torch.full((chunk.shape[0],), -1, dtype=torch.long)))
-    return names, batches
-
-
-def folder_loader(args: argparse.Namespace, dataset, transform):
-    """(names, loader) over the first --max-images images of ROOT/val."""
-    from torch.utils.data import DataLoader, Subset
-
-    dataset.transform = transform
-    count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
-    root = os.path.join(args.data_path, "val")
-    names = [os.path.relpath(path, root) for path, _ in dataset.samples[:count]]
-    loader = DataLoader(Subset(dataset, range(count)), args.batch_size, shuffle=False, num_workers=args.workers)
-    return names, loader
-
-
-@torch.no_grad()
-def run_pass(
-    model, batches, threshold: Optional[float], bins: int, device, desc: str
-) -> Tuple[RedundancyStats, Optional[float]]:
-    """One pass over ``batches`` under a ``RedundancyProbe``: (its statistics, top-1 % or None
-    for unlabelled images)."""
-    correct = labelled = 0
-    with RedundancyProbe(model, threshold, bins) as probe:
-        for images, targets in tqdm.tqdm(batches, desc=desc, leave=False):
-            logits = model(images.to(device))
-            known = targets >= 0
-            if known.any():
-                correct += (logits.argmax(dim=1).cpu()[known] == targets[known]).sum().item()
-                labelled += int(known.sum())
-    return probe.stats(), (100.0 * correct / labelled if labelled else None)
-
-
-def write_csv(path: str, header: List[str], rows: Iterator[List]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def write_statistics(stats: RedundancyStats, summary: Dict, names: List[str], out, tag: str) -> Dict[str, str]:
-    """Fig. 2(a) and 2(c) as PNGs, the per-layer and per-image numbers (``summary``:
-    ``stats_to_dict``) as CSV; returns the files."""
-    files = {
-        "histogram": plot_correlation_histogram(
-            stats.edges, stats.histograms.sum(0), out("correlation_histogram.png"),
-            f"Correlation with the 2×2 patch mean, all layers\n{tag}"),
-        "histogram_per_layer": plot_layer_histograms(
-            stats.edges, stats.histograms, stats.names, out("correlation_histogram_per_layer.png"), tag),
-        "variance_per_layer": plot_layer_variance(
-            stats.image_means, out("correlation_variance_per_layer.png"),
-            f"Mean coefficient per image and layer\n{tag}"),
-        "layers_csv": out("layers.csv"),
-        "image_means_csv": out("image_means.csv"),
-    }
-    columns = ["layer", "name", "h", "w", "mean", "variance_across_images", "share_above_0.8"]
-    write_csv(files["layers_csv"], columns,
-              ([l["layer"], l["name"], *l["hw"], *(l[k] for k in columns[4:])] for l in summary["layers"]))
-    write_csv(files["image_means_csv"], ["image"] + [f"layer{i + 1}" for i in range(len(stats.names))],
-              ([n] + row.tolist() for n, row in zip(names, stats.image_means)))
-    return files
-
-
-def accuracy_curve(model, batches, args, device, vanilla_acc1: float, out, tag: str) -> Tuple[Dict, Dict[str, str]]:
-    """Fig. 2(b): one pass per threshold with the redundant tokens replaced; ({"baseline", "curve"},
-    files)."""
-    baseline = {"threshold": None, "acc1": vanilla_acc1, "query_ratio": 1.0, "flops_ratio": 1.0}
-    curve = []
-    for t in tqdm.tqdm(sorted(args.thresholds), desc="thresholds"):
-        replaced, acc1 = run_pass(model, batches, t, args.bins, device, f"threshold {t:g}")
-        curve.append({
-            "threshold": t,
-            "acc1": acc1,
-            "query_ratio": replaced.query_ratio,
-            "flops_ratio": replaced.flops_ratio,
-            "layer_query_ratio": (replaced.queries / replaced.tokens).tolist(),
-        })
-        logger.info(f"threshold {t:g}: top-1 {acc1:.2f}%  queries {100 * replaced.query_ratio:.1f}%  "
-                    f"FLOPs {100 * replaced.flops_ratio:.1f}%  (vanilla top-1 {vanilla_acc1:.2f}%)")
-    files = {
-        "accuracy_vs_complexity": plot_accuracy_complexity(
-            curve, out("accuracy_vs_complexity.png"), vanilla_acc1,
-            f"Replacing redundant tokens by their patch mean\n{tag}"),
-        "curve_csv": out("curve.csv"),
-    }
-    write_csv(files["curve_csv"], ["threshold", "acc1", "query_ratio", "flops_ratio"],
-              (["vanilla" if r["threshold"] is None else r["threshold"], r["acc1"], r["query_ratio"], r["flops_ratio"]]
-               for r in [baseline] + curve))
-    return {"baseline": baseline, "curve": curve}, files
-
-
 def main(argv=None) -> Dict:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -247,12 +106,12 @@ def analyze(args: argparse.Namespace) -> Dict:
         trained = load_checkpoint(args.weights).get("classes", ()) if args.weights else ()
         dataset = build_dataset(args.data_path, "val", None, trained)
         classes = dataset.classes
-    model, weights = build(args, classes, device)
+    model, weights = probed_model(args.model, args.weights, classes, args.input_size, device)
     size = args.input_size
     _, transform = build_transforms(resolve_data_config({"input_size": (3, size, size)}, model=model), "", 0.0)
     if dataset is not None:
-        names, batches = folder_loader(args, dataset, transform)
         source = os.path.join(args.data_path, "val")
+        names, batches = folder_batches(dataset, source, transform, args.max_images, args.batch_size, args.workers)
     else:
         inputs = args.input or list(DEFAULT_PHOTOS)
         names, batches = photo_batches(inputs, transform, args.batch_size, args.max_images)
@@ -274,22 +133,16 @@ def analyze(args: argparse.Namespace) -> Dict:
     tag = f"{args.model}, {'random init' if weights == RANDOM_INIT else os.path.basename(weights)}, {len(names)} images"
     files = write_statistics(stats, result["statistics"], names, out, tag)
     if dataset is not None:
-        curve, curve_files = accuracy_curve(model, batches, args, device, acc1, out, tag)
+        curve, curve_files = accuracy_curve(model, batches, args.thresholds, args.bins, device, acc1, out, tag)
         result.update(curve)
         files.update(curve_files)
     result["files"] = dict(files, json=out("redundancy.json"))
     with open(result["files"]["json"], "w") as f:
         json.dump(result, f, indent=1)
-    variance = stats.layer_variance()
-    widest = f"layer {int(np.nanargmax(variance)) + 1}" if not np.all(np.isnan(variance)) else "none"
-    logger.info(f"{100 * result['statistics']['pooled_share_above_0.8']:.1f}% of the coefficients are >= 0.8; "
-                f"largest variance across images: {widest}")
+    logger.info(summary_line(stats, result["statistics"]))
     logger.info(f"wrote {', '.join(os.path.basename(p) for p in result['files'].values())} to {args.output}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_tool(main)

@@ -34,13 +34,12 @@ import json
 import logging
 import os
 import re
-import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 import dge  # noqa: F401  (registers models and datasets)
-from dge.engine import setup_dge_logger
+from dge.engine import run_tool, setup_dge_logger
 from dge.analysis.budget_curves import (
     FAMILIES,
     METRICS,
@@ -130,7 +129,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Dict]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_tool(main)

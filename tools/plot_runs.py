@@ -24,13 +24,12 @@ import csv
 import json
 import logging
 import os
-import sys
 from typing import Dict
 
 
 from dge.analysis.plots import plot_layer_betas, plot_metric_vs_budget
 from dge.analysis.runs import read_run
-from dge.engine import setup_dge_logger
+from dge.engine import run_tool, setup_dge_logger
 
 logger = logging.getLogger("dge.plot_runs")
 
@@ -88,7 +87,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    run_tool(main)

@@ -8,6 +8,7 @@ the same model with every DGE block forced to φ = 1 (``force_granularity``), wh
 exactly the vanilla blocks, without router.
 """
 
+import itertools
 import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+from detectron2.data import build_detection_test_loader
+from fvcore.nn.jit_handles import generic_activation_jit
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,10 +30,12 @@ from ..layers import (
     record_routing,
     specialize_to_input,
 )
-from .flop_count import CATEGORIES, FlopCountAnalysis
+from .flop_count import CATEGORIES, FlopCountAnalysis, detectron2_analysis
 
 __all__ = [
     "ImageFlops",
+    "activation_count",
+    "flop_inputs",
     "synthetic_images",
     "outside_dge_flops",
     "LayerFlops",
@@ -472,3 +477,19 @@ def synthetic_images(size, num: int, device) -> Iterator[List[Dict[str, Any]]]:
         low = torch.rand(1, 3, max(h // cell, 1), max(w // cell, 1), generator=g)
         image = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)[0] * 255.0
         yield [{"image": image.to(device), "height": h, "width": w, "file_name": f"synthetic_{i}_cell{cell}"}]
+
+
+def flop_inputs(cfg, input_size: Optional[Tuple[int, int]], num: int) -> Iterator[List[Dict[str, Any]]]:
+    """``num`` one-image batches: ``synthetic_images`` of ``input_size``, or (None) the first
+    images of cfg.DATASETS.TEST[0] after the test-time resize."""
+    if input_size:
+        return synthetic_images(input_size, num, cfg.MODEL.DEVICE)
+    return itertools.islice(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]), num)
+
+
+def activation_count(model: nn.Module, inputs: Any) -> float:
+    """Million activations of ``model`` on ``inputs``, counted as detectron2's analyze_model
+    does (``activation_count_operators``: outputs of conv / linear / matmul), plus the outputs
+    of fused attention."""
+    sdpa = {"aten::scaled_dot_product_attention": generic_activation_jit()}
+    return sum(detectron2_analysis.activation_count_operators(model, inputs, supported_ops=sdpa).values())

@@ -8,4 +8,4 @@ from .optimizer import build_lr_scheduler, build_optimizer, no_weight_decay_para
 from .routing_stats import RoutingStatsWriter
 from .seeds import StepSeeds
 from .predictor import Predictor, as_predictor_image
-from .logs import setup_dge_logger
+from .logs import run_tool, setup_dge_logger

@@ -1,11 +1,13 @@
-"""dge's log lines where detectron2's go: one set-up for train_net.py and every tool."""
+"""dge's log lines where detectron2's go, one set-up for train_net.py and every tool; and how
+a tool ends on bad input."""
 import logging
-from typing import Optional, Sequence
+import sys
+from typing import Callable, Optional, Sequence
 
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["setup_dge_logger"]
+__all__ = ["run_tool", "setup_dge_logger"]
 
 
 def setup_dge_logger(output: Optional[str] = None, also: Sequence[str] = ()) -> logging.Logger:
@@ -17,3 +19,12 @@ def setup_dge_logger(output: Optional[str] = None, also: Sequence[str] = ()) -> 
     for name in tuple(also):
         setup_logger(output, distributed_rank=rank, name=name)
     return setup_logger(output, distributed_rank=rank, name="dge")
+
+
+def run_tool(main: Callable[[], object]) -> None:
+    """Runs a tool's ``main()``; bad input (FileNotFoundError, ValueError) ends the process with
+    status 1 and one line, ``error: <message>``, instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
