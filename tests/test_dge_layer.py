@@ -72,7 +72,7 @@ def reference_dge(block, x, hw, gmap, region, num_extra=0):
 @pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])
 def test_all_fine_granularity_equals_vanilla_block(kind):
     block = make_block(kind)
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2, 4))).eval()
     hw = (13, 18)
     x = torch.randn(3, hw[0] * hw[1], C)
     centers = token_centers(*hw).expand(3, -1, -1)
@@ -133,7 +133,7 @@ def test_inference_deformable_sampling_in_query_tiles_equals_one_pass(monkeypatc
 def test_random_maps_match_the_region_loop_reference(kind):
     block = make_block(kind, seed=1)
     phi = (0, 1, 2, 4)
-    dge = DynamicGrainedEncoder(block, C, granularities=phi).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=phi)).eval()
     hw = (11, 14)  # not multiples of S = 4: bottom/right padding
     x = torch.randn(3, hw[0] * hw[1], C)
     gen = torch.Generator().manual_seed(3)
@@ -159,7 +159,7 @@ def test_packed_rows_have_no_padding_and_train_like_images_alone(kind):
     B·max M_b; only attention pads. Training through the packing gives each image's output
     and the summed weight gradients of the images run alone."""
     block = make_block(kind, seed=6).train()
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).train()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2, 4))).train()
     hw = (8, 12)
     x = torch.randn(3, 96, C)
     gmap = torch.tensor([[[1, 1, 1], [1, 1, 2]], [[4, 4, 4], [4, 2, 4]], [[2, 1, 4], [4, 4, 4]]])
@@ -217,7 +217,7 @@ def test_attention_in_segments_equals_images_alone(monkeypatch, segment_rows):
     monkeypatch.setattr(grained, "MIN_SEGMENT_ROWS", segment_rows)
     monkeypatch.setattr(grained, "SEGMENTS_PER_IMAGE", 4)
     block = make_block("pvt", seed=8)
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2, 4))).eval()
     hw = (8, 12)
     x = torch.randn(3, 96, C)
     gmap = torch.tensor([[[1, 1, 1], [1, 1, 2]], [[4, 4, 4], [4, 2, 4]], [[2, 1, 4], [4, 4, 4]]])
@@ -250,7 +250,7 @@ def test_query_rows_pad_and_unpad():
 
 def test_extra_tokens_are_always_queries_and_match_reference():
     block = make_block("global", seed=2)
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2), num_extra_tokens=1).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2)), num_extra_tokens=1).eval()
     hw = (5, 6)
     x = torch.randn(2, 1 + 30, C)
     gmap = torch.tensor([[[2, 1, 2], [2, 2, 1], [1, 2, 2]], [[2, 2, 2], [2, 2, 2], [2, 2, 2]]])
@@ -264,7 +264,7 @@ def test_extra_tokens_are_always_queries_and_match_reference():
 
 def test_layer_routing_uses_one_region_for_the_whole_map():
     block = make_block("pvt", seed=4)
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4), routing="layer").eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2, 4), routing="layer")).eval()
     hw = (10, 9)
     x = torch.randn(2, 90, C)
     with torch.no_grad():
@@ -280,7 +280,7 @@ def test_layer_routing_uses_one_region_for_the_whole_map():
 def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     block = make_block("pvt", seed=5)
     sparse = DynamicGrainedEncoder(block, C).train()
-    dense = DynamicGrainedEncoder(block, C, dense_train=True).train()
+    dense = DynamicGrainedEncoder(block, C, dict(dense_train=True)).train()
     dense.router.load_state_dict(sparse.router.state_dict())
     hw = (12, 8)
     x = torch.randn(2, 96, C)
@@ -310,8 +310,8 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
 @pytest.mark.parametrize("kind", ["global", "deformable"])
 def test_dense_training_agrees_with_sparse_with_a_class_token(kind):
     block = make_block(kind, seed=6)
-    sparse = DynamicGrainedEncoder(block, C, num_extra_tokens=1, init_fine_prob=0.34).train()  # mixed maps
-    dense = DynamicGrainedEncoder(block, C, num_extra_tokens=1, init_fine_prob=0.34, dense_train=True).train()
+    sparse = DynamicGrainedEncoder(block, C, dict(init_fine_prob=0.34), num_extra_tokens=1).train()  # mixed maps
+    dense = DynamicGrainedEncoder(block, C, dict(init_fine_prob=0.34, dense_train=True), num_extra_tokens=1).train()
     dense.router.load_state_dict(sparse.router.state_dict())
     hw = (9, 10)  # padded to 12×12: partial patches at the border
     x = torch.randn(2, 1 + 90, C)
@@ -336,7 +336,7 @@ def test_router_initially_prefers_the_finest_granularity():
 def test_straight_through_gradient_of_the_router_is_analytic():
     """Eq. 5-6: forward ŷ, backward p·ŷ, so dL/dh_k = Σ_i <ŷ_i, dL/dy_i> · dp_i/dh_k."""
     block = make_block("pvt", seed=8)
-    dge = DynamicGrainedEncoder(block, C, gumbel_tau=0.7).train()
+    dge = DynamicGrainedEncoder(block, C, dict(gumbel_tau=0.7)).train()
     hw = (8, 12)
     x = torch.randn(2, 96, C)
     weights = torch.randn(2, 96, C)
@@ -395,7 +395,7 @@ def _hand_block_cost(n, nk, hidden, sr):
 
 def test_beta_equals_the_hand_count_for_a_known_map():
     block = make_block("pvt", seed=10)
-    dge = DynamicGrainedEncoder(block, C, granularities=(0, 1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(0, 1, 2, 4))).eval()
     hw = (8, 8)
     x = torch.randn(1, 64, C)
     gmap = torch.tensor([[[1, 2], [4, 0]]])
@@ -445,7 +445,7 @@ def test_beta_sums_over_layers_and_counts_the_router():
 )
 def test_bad_configuration_is_rejected_with_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DynamicGrainedEncoder(make_block("pvt"), C, **kwargs)
+        DynamicGrainedEncoder(make_block("pvt"), C, kwargs)
 
 
 def test_bad_input_is_rejected_with_a_clear_error():
@@ -477,7 +477,7 @@ def test_the_all_fine_shortcut_equals_the_tensor_program(monkeypatch):
     from dge.layers import encoder as encoder_module
 
     block = make_block("pvt", seed=4)
-    dge = DynamicGrainedEncoder(block, C, granularities=(1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(block, C, dict(granularities=(1, 2, 4))).eval()
     hw = (13, 18)
     x = torch.randn(1, hw[0] * hw[1], C)
     ones = torch.ones(1, 4, 5, dtype=torch.long)

@@ -69,7 +69,7 @@ def test_grid_sample_counts_four_taps_per_bilinear_sample():
 
 
 def test_dge_block_with_a_known_map_matches_the_hand_count():
-    dge = DynamicGrainedEncoder(pvt_block(), C, granularities=(0, 1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(pvt_block(), C, dict(granularities=(0, 1, 2, 4))).eval()
     x = torch.randn(1, 64, C)
     gmap = torch.tensor([[[1, 2], [4, 0]]])  # 16 + 4 + 1 + 0 queries on an 8×8 map
     image = analyze_image(dge, (x, (8, 8), gmap))

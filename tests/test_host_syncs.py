@@ -28,7 +28,7 @@ def make_block(kind: str) -> EncoderBlock:
 
 
 def mixed_dge(kind: str, phi=(1, 2, 4), extra: int = 0) -> DynamicGrainedEncoder:
-    layer = DynamicGrainedEncoder(make_block(kind), C, granularities=phi, num_extra_tokens=extra).eval()
+    layer = DynamicGrainedEncoder(make_block(kind), C, dict(granularities=phi), num_extra_tokens=extra).eval()
     torch.nn.init.normal_(layer.router.gate.weight, std=1.0)  # mixed routing: every φ in use
     torch.nn.init.zeros_(layer.router.gate.bias)
     return layer

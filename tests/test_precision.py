@@ -115,7 +115,7 @@ def test_autocast_training_step(name, dtype):
 
 def test_router_scores_float32_under_autocast():
     block = EncoderBlock(32, SpatialReductionAttention(32, 2, sr_ratio=2))
-    dge_block = DynamicGrainedEncoder(block, 32, (1, 2, 4)).train()
+    dge_block = DynamicGrainedEncoder(block, 32, dict(granularities=(1, 2, 4))).train()
     x = torch.randn(1, 16 * 16, 32)
     with torch.autocast("cpu", dtype=torch.float16):
         _, record = recorded(dge_block, x, (16, 16))

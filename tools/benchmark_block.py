@@ -19,9 +19,9 @@ from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock,
 from dge.layers import record_routing
 
 
-def map_with_query_ratio(batch, regions_hw, ratio, region_size, generator):
+def map_with_query_ratio(batch, region_grid, ratio, region_size, generator):
     """A random φ ∈ {1, 2, 4} map whose query count is ``ratio`` of the tokens (±1 region)."""
-    hr, wr = regions_hw
+    hr, wr = region_grid
     n = hr * wr
     per_region = {1: region_size**2, 2: (region_size // 2) ** 2, 4: 1}
     # Split regions between φ=1 and the cheapest mix of φ=2 / φ=4 that meets the ratio.
@@ -57,7 +57,7 @@ def main():
     else:
         attn = DeformableAttention(c, num_heads=1, num_points=4, qkv_bias=True)
     block = EncoderBlock(c, attn, mlp_ratio=8, norm_eps=1e-6).eval()
-    dge = DynamicGrainedEncoder(block, c, granularities=(1, 2, 4)).eval()
+    dge = DynamicGrainedEncoder(block, c, dict(granularities=(1, 2, 4))).eval()
     h, w = args.tokens
     x = torch.randn(args.batch, h * w, c)
     hr, wr = -(-h // 4), -(-w // 4)

@@ -8,7 +8,7 @@ import multiprocessing
 import resource
 import statistics
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -57,7 +57,6 @@ class _Setup:
     device: torch.device
     models: Dict[str, torch.nn.Module]
     trained: bool
-    applied: List[float] = field(default_factory=lambda: [0.0])  # logit offsets now added to the routers
 
 
 def _setup(spec: BenchmarkSpec, variants=("vanilla", "dge")) -> _Setup:
@@ -72,10 +71,8 @@ def _route(spec: BenchmarkSpec, setup: _Setup, x: torch.Tensor) -> dict:
     dge_model, offset = setup.models["dge"], None
     with torch.inference_mode():
         if not setup.trained:
-            set_logit_offset(dge_model, [-a for a in setup.applied])  # each input calibrates from the start
             offset, _ = calibrate(dge_model, lambda: dge_model.backbone.bottom_up(x), spec.target_beta,
                                   per_block=spec.per_block)
-            setup.applied = offset
         with record_routing() as record:
             dge_model.backbone.bottom_up(x)
     report = complexity_report(record, dge_model)

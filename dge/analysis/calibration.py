@@ -25,23 +25,14 @@ def randomize_routers(model: nn.Module, seed: int = 0) -> None:
 
 @torch.no_grad()
 def set_logit_offset(model: nn.Module, offsets: Sequence[float]) -> None:
-    """Adds ``offsets`` (one for all routers, or one per router) to the routers'
-    finest-choice biases (from their current values)."""
+    """Sets ``offsets`` (one for all routers, or one per router) on the routers' finest-choice
+    biases, measured from the biases before the first call: a second call replaces the first."""
     modules = dge_modules(model)
     offsets = list(offsets) * len(modules) if len(offsets) == 1 else list(offsets)
     for m, offset in zip(modules, offsets):
-        m.router.gate.bias[m.router.fine_index] += offset
-
-
-def _bias_setter(model: nn.Module) -> Callable[[nn.Module, Sequence[float]], None]:
-    """Absolute offsets on the finest-choice biases, applied as changes from the last call."""
-    applied = [0.0] * len(dge_modules(model))
-
-    def apply(model: nn.Module, offsets: Sequence[float]) -> None:
-        set_logit_offset(model, [o - a for o, a in zip(offsets, applied)])
-        applied[:] = list(offsets)
-
-    return apply
+        router = m.router
+        router.gate.bias[router.fine_index] += offset - getattr(router, "_bias_offset", 0.0)
+        router._bias_offset = float(offset)
 
 
 def block_flops(model: nn.Module, record: RoutingRecord) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +71,7 @@ def calibrate(
     n_blocks = len(dge_modules(model))
     if groups is None:
         groups = [[i] for i in range(n_blocks)] if per_block else [list(range(n_blocks))]
-    apply = apply or _bias_setter(model)
+    apply = apply or set_logit_offset
     lo, hi = [-bound] * len(groups), [bound] * len(groups)
     offsets, beta = [0.0] * len(groups), None
     for _ in range(steps):

@@ -36,7 +36,7 @@ def stage_gate_maps(model: torch.nn.Module, record: RoutingRecord, image_hw: Tup
         first = layers[0][2]
         h, w = routings[0].hw
         stride = (image_hw[0] / h, image_hw[1] / w)
-        region = first.layout((h, w), "cpu").region_hw
+        region = first.layout((h, w), "cpu").tokens_per_region
         maps = torch.stack([r.granularity_map.cpu() for r in routings], dim=1)
         queries = torch.stack([r.num_queries.float() for r in routings]).sum(0)
         out.append(

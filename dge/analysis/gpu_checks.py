@@ -85,7 +85,7 @@ def block_training_step(device, dtype, packed: bool = True, alone: bool = False,
     as a batch of one (no packing, no padding: the definition the batch must meet)."""
     torch.manual_seed(seed)
     block = EncoderBlock(64, SpatialReductionAttention(64, 2, qkv_bias=True, sr_ratio=2))
-    layer = DynamicGrainedEncoder(block, 64, (1, 2, 4)).train()
+    layer = DynamicGrainedEncoder(block, 64, dict(granularities=(1, 2, 4))).train()
     torch.nn.init.normal_(layer.router.gate.weight, std=0.5)  # mixed routing
     x = torch.randn(3, 32 * 32, 64)
     weights = torch.randn(3, 32 * 32, 64, dtype=torch.float64)
@@ -221,7 +221,7 @@ def sync_case(device: str, kind: str, batch: int, training: bool):
     40×48 tokens of ``batch`` images with mixed routing; ``kind`` "sr" (PVT) or "deformable"."""
     torch.manual_seed(3)
     attn = SpatialReductionAttention(64, 2, sr_ratio=2) if kind == "sr" else DeformableAttention(64, 2)
-    layer = DynamicGrainedEncoder(EncoderBlock(64, attn), 64, (1, 2, 4)).to(device).train(training)
+    layer = DynamicGrainedEncoder(EncoderBlock(64, attn), 64, dict(granularities=(1, 2, 4))).to(device).train(training)
     torch.nn.init.normal_(layer.router.gate.weight, std=1.0)  # mixed routing
     x = torch.randn(batch, 40 * 48, 64, device=device, requires_grad=training)
     if training:

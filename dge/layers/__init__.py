@@ -1,7 +1,7 @@
 """Model-agnostic DGE parts: router, grained pooling, the encoder wrapper, complexity
 accounting and the attention kinds of the vanilla blocks."""
-from .attention import DeformableAttention, SpatialReductionAttention
-from .block import EncoderBlock, Mlp
+from .attention import QKV_BIAS, SR_NORM_EPS, DeformableAttention, SpatialReductionAttention
+from .block import NORM_EPS, EncoderBlock, Mlp
 from .complexity import (
     BudgetLoss,
     ComplexityReport,

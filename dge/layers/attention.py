@@ -39,7 +39,13 @@ try:  # torch >= 2.10
 except ImportError:  # older torch: segment padding everywhere (logged once, on a GPU)
     varlen_attn = None
 
+# The official models' defaults (PVT v1, DPVT, DeiT), stated once here and in block.py.
+QKV_BIAS = True  # bias on the q / kv (qkv) projections: qkv_bias=True in every official model
+SR_NORM_EPS = 1e-5  # PVT v1's nn.LayerNorm(dim) after the reduction conv: torch's default eps
+
 __all__ = [
+    "QKV_BIAS",
+    "SR_NORM_EPS",
     "SpatialReductionAttention",
     "DeformableAttention",
     "scale_grad",
@@ -196,11 +202,11 @@ class SpatialReductionAttention(MultiHeadBase):
         self,
         dim: int,
         num_heads: int,
-        qkv_bias: bool = False,
+        qkv_bias: bool = QKV_BIAS,
         sr_ratio: int = 1,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        norm_eps: float = 1e-5,
+        norm_eps: float = SR_NORM_EPS,
     ):
         super().__init__(dim, num_heads)
         self.sr_ratio = sr_ratio
@@ -290,7 +296,7 @@ class DeformableAttention(MultiHeadBase):
         dim: int,
         num_heads: int,
         num_points: int = 4,
-        qkv_bias: bool = False,
+        qkv_bias: bool = QKV_BIAS,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         offset_grad_scale: float = 0.1,

@@ -18,7 +18,9 @@ from .attention import inference_tiles
 from .grained import QueryRows, token_centers
 from .keys import map_block_keys
 
-__all__ = ["Mlp", "EncoderBlock"]
+__all__ = ["Mlp", "EncoderBlock", "NORM_EPS"]
+
+NORM_EPS = 1e-6  # the blocks' and the final norm: norm_layer=partial(nn.LayerNorm, eps=1e-6) in PVT v1 / DeiT
 
 
 class Mlp(nn.Module):
@@ -73,7 +75,7 @@ class EncoderBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop: float = 0.0,
         drop_path: float = 0.0,
-        norm_eps: float = 1e-5,
+        norm_eps: float = NORM_EPS,
     ):
         super().__init__()
         self.dim = dim

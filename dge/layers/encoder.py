@@ -181,7 +181,7 @@ class DynamicGrainedEncoder(nn.Module):
         block: the vanilla block (``dge.layers.block`` protocol).
         dim: channels C.
         options: a ``DGEOptions`` (Φ, S, routing kind, τ, dense training, router
-            initialisation), or just Φ; keyword arguments of its fields override it.
+            initialisation), a mapping of its fields, or None (the defaults).
         num_extra_tokens: E leading tokens (e.g. a class token) that are always queries.
 
     Each forward hands its ``RoutingInfo`` to the open ``dge.layers.record_routing()``
@@ -195,15 +195,11 @@ class DynamicGrainedEncoder(nn.Module):
         self,
         block: nn.Module,
         dim: int,
-        options: Union[None, DGEOptions, Sequence[int]] = None,
+        options: Union[None, Mapping[str, Any], DGEOptions] = None,
         num_extra_tokens: int = 0,
-        **overrides,
     ):
         super().__init__()
-        if options is not None and not isinstance(options, DGEOptions):
-            options, overrides = None, dict(overrides, granularities=options)
-        options = replace(options or DGEOptions(), **overrides)
-        self.options = options
+        self.options = options = DGEOptions.coerce(options) or DGEOptions()
         self.num_extra_tokens = num_extra_tokens
         self.specialized = False
         self.block = block
@@ -243,7 +239,7 @@ class DynamicGrainedEncoder(nn.Module):
             return static_layout(hw[0], hw[1], self.granularities, region, torch.device(device), self.num_extra_tokens)
 
     def _check_map(self, granularity_map: torch.Tensor, batch: int, layout: StaticLayout) -> torch.Tensor:
-        hr, wr = layout.regions_hw
+        hr, wr = layout.region_grid
         if tuple(granularity_map.shape) != (batch, hr, wr):
             raise ValueError(
                 f"granularity_map must have shape [B, Hr, Wr] = {[batch, hr, wr]}; "
@@ -258,7 +254,7 @@ class DynamicGrainedEncoder(nn.Module):
     def _route(self, spatial: torch.Tensor, pooled: PatchPooler, layout: StaticLayout):
         """-> (index [B, Hr, Wr], probs [B, Hr, Wr, K] or None)."""
         b, _, c = spatial.shape
-        hr, wr = layout.regions_hw
+        hr, wr = layout.region_grid
         if self.routing == "layer":
             region_means = spatial.mean(dim=1)
         else:
@@ -273,7 +269,7 @@ class DynamicGrainedEncoder(nn.Module):
             gmap = self._check_map(granularity_map, b, layout)
             return _Decision(torch.searchsorted(self._phi, gmap), gmap)  # Φ is ascending
         if self.router is None:
-            index = self._phi.new_zeros((b,) + layout.regions_hw)
+            index = self._phi.new_zeros((b,) + layout.region_grid)
             return _Decision(index, self._phi[index])
         index, probs = self._route(x[:, self.num_extra_tokens :], pooled, layout)
         return _Decision(index, self._phi[index], probs)

@@ -78,8 +78,8 @@ class SlotTable:
 @dataclass
 class StaticLayout:
     hw: Tuple[int, int]
-    region_hw: Tuple[int, int]  # (Rh, Rw) tokens per region
-    regions_hw: Tuple[int, int]  # (Hr, Wr) regions
+    tokens_per_region: Tuple[int, int]  # (Rh, Rw): a region's size in tokens
+    region_grid: Tuple[int, int]  # (Hr, Wr): the number of regions down and across
     num_extra: int  # E extra tokens
     skip_choice: Optional[int]  # index of φ = 0 in Φ, None when Φ has no 0
     token_region: torch.Tensor  # [H*W] long
@@ -89,7 +89,7 @@ class StaticLayout:
 
     @property
     def num_regions(self) -> int:
-        return self.regions_hw[0] * self.regions_hw[1]
+        return self.region_grid[0] * self.region_grid[1]
 
 
 def token_centers(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -112,12 +112,12 @@ class _Grid:
     rw: int
 
     @property
-    def regions_hw(self) -> Tuple[int, int]:
+    def region_grid(self) -> Tuple[int, int]:
         return self.hp // self.rh, self.wp // self.rw
 
     @property
     def num_regions(self) -> int:
-        return self.regions_hw[0] * self.regions_hw[1]
+        return self.region_grid[0] * self.region_grid[1]
 
 
 def _grid(h: int, w: int, granularities: Tuple[int, ...], region_size: Optional[int]) -> _Grid:
@@ -154,7 +154,7 @@ def _patches(grid: _Grid, g: int, device: torch.device) -> _Patches:
     ny = torch.clamp(grid.h - py * g, min=0, max=g).to(torch.float32)
     nx = torch.clamp(grid.w - px * g, min=0, max=g).to(torch.float32)
     centers = torch.stack(torch.meshgrid(py * g + ny / 2.0, px * g + nx / 2.0, indexing="ij"), dim=-1)
-    wr = grid.regions_hw[1]
+    wr = grid.region_grid[1]
     ii, jj = torch.arange(grid.h, device=device), torch.arange(grid.w, device=device)
     return _Patches(
         valid=(ny[:, None] * nx[None, :]).reshape(-1) > 0,
@@ -207,12 +207,12 @@ def static_layout(
     (layer-wise routing), padded to max(Φ)."""
     grid = _grid(h, w, granularities, region_size)
     ii, jj = torch.arange(h, device=device), torch.arange(w, device=device)
-    token_region = ((ii[:, None] // grid.rh) * grid.regions_hw[1] + (jj[None, :] // grid.rw)).reshape(-1)
+    token_region = ((ii[:, None] // grid.rh) * grid.region_grid[1] + (jj[None, :] // grid.rw)).reshape(-1)
     slots, region_num_patches = _slot_table(grid, granularities, num_extra, device)
     return StaticLayout(
         hw=(h, w),
-        region_hw=(grid.rh, grid.rw),
-        regions_hw=grid.regions_hw,
+        tokens_per_region=(grid.rh, grid.rw),
+        region_grid=grid.region_grid,
         num_extra=num_extra,
         skip_choice=granularities.index(0) if 0 in granularities else None,
         token_region=token_region,

@@ -17,7 +17,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from dge.layers import DGEOptions
+from dge.layers import NORM_EPS, QKV_BIAS, DGEOptions
 
 from .convert import checkpoint_filter_fn
 from .utils import (
@@ -57,11 +57,11 @@ class DeiT(TokenModel):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        qkv_bias: bool = QKV_BIAS,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-6,
+        norm_eps: float = NORM_EPS,
         dge: Union[None, bool, Mapping, DGEOptions] = None,
     ):
         if global_pool not in ("token", "avg"):

@@ -19,7 +19,7 @@ from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from dge.layers import DGEOptions
+from dge.layers import NORM_EPS, QKV_BIAS, DGEOptions
 
 from .convert import checkpoint_filter_fn
 from .utils import (
@@ -83,12 +83,12 @@ class PyramidStage(nn.Module):
         attention: str = "sr",
         sr_ratio: int = 1,
         num_points: int = 4,
-        qkv_bias: bool = True,
+        qkv_bias: bool = QKV_BIAS,
         num_extra_tokens: int = 0,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path: Sequence[float] = (),
-        norm_eps: float = 1e-6,
+        norm_eps: float = NORM_EPS,
         dge: Optional[DGEOptions] = None,
     ):
         super().__init__()
@@ -147,11 +147,11 @@ class PyramidVisionTransformer(TokenModel):
         patch_sizes: Sequence[int] = PVT_PATCH_SIZES,
         attention: str = "sr",
         num_points: int = 4,
-        qkv_bias: bool = True,
+        qkv_bias: bool = QKV_BIAS,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_eps: float = 1e-6,
+        norm_eps: float = NORM_EPS,
         dge: Union[None, bool, Mapping, DGEOptions] = None,
     ):
         super().__init__()

@@ -16,6 +16,8 @@ from dge.layers import (
     DynamicGrainedEncoder,
     EncoderBlock,
     GrainedRouter,
+    NORM_EPS,
+    QKV_BIAS,
     SpatialReductionAttention,
 )
 
@@ -47,7 +49,7 @@ def make_attention(
     num_heads: int,
     sr_ratio: int = 1,
     num_points: int = 4,
-    qkv_bias: bool = True,
+    qkv_bias: bool = QKV_BIAS,
     attn_drop: float = 0.0,
     proj_drop: float = 0.0,
 ) -> nn.Module:
@@ -72,11 +74,11 @@ def build_blocks(
     attention: str = "sr",
     sr_ratio: int = 1,
     num_points: int = 4,
-    qkv_bias: bool = True,
+    qkv_bias: bool = QKV_BIAS,
     drop_rate: float = 0.0,
     attn_drop_rate: float = 0.0,
     drop_path: Sequence[float] = (),
-    norm_eps: float = 1e-6,
+    norm_eps: float = NORM_EPS,
     num_extra_tokens: int = 0,
     dge: Optional[DGEOptions] = None,
 ) -> nn.ModuleList:
