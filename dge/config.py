@@ -51,8 +51,8 @@ def _add_dge_keys(cfg: CN) -> None:
     cfg.MODEL.DGE.ROUTING = _DGE.routing
     # τ, temperature of the Gumbel-softmax score (Eq. 5).
     cfg.MODEL.DGE.GUMBEL_TAU = _DGE.gumbel_tau
-    # Compute all granularities in training and mix them (vtpack) instead of only the chosen one.
-    cfg.MODEL.DGE.DENSE_TRAIN = _DGE.dense_train
+    # Router gradients in training: "paper" (Eq. 6-7), "official" (vtpack: all K computed), "official_sparse".
+    cfg.MODEL.DGE.ESTIMATOR = _DGE.estimator
     # Initial router probability of the finest granularity.
     cfg.MODEL.DGE.INIT_FINE_PROB = _DGE.init_fine_prob
     # γ, target complexity ratio of the budget loss (Eq. 8).
@@ -95,6 +95,11 @@ def _add_training_keys(cfg: CN) -> None:
     cfg.DATALOADER.BOX_OUTSIDE_IMAGE = "clip"
 
 
+RENAMED = {  # keys of earlier versions: what replaced them
+    "MODEL.DGE.DENSE_TRAIN": "use MODEL.DGE.ESTIMATOR official (DENSE_TRAIN True) or paper (False)",
+}
+
+
 def _all_keys(cfg: CN, prefix: str = "") -> list:
     keys = []
     for k, v in cfg.items():
@@ -113,6 +118,8 @@ def merge_config(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> CN:
         if not match:
             raise
         key = match.group(1)
+        if key in RENAMED:
+            raise KeyError(f"config key {key} (in {config_file} or the command line) is gone: {RENAMED[key]}") from None
         close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.7)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise KeyError(f"Non-existent config key: {key} (in {config_file} or the command line){hint}") from None

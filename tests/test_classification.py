@@ -176,22 +176,22 @@ def test_ablation_switches_reach_every_dge_block(data):
         return dge_modules(model)
 
     assert blocks("--no-dge") == []
-    assert {(b.granularities, b.routing, b.options.dense_train) for b in blocks()} == {((1, 2, 4), "region", False)}
+    assert {(b.granularities, b.routing, b.options.estimator) for b in blocks()} == {((1, 2, 4), "region", "paper")}
     assert {(b.granularities, b.region_size) for b in blocks("--granularities", "0", "1")} == {((0, 1), 1)}
     assert {b.routing for b in blocks("--routing", "layer")} == {"layer"}
-    assert {b.options.dense_train for b in blocks("--dense-train")} == {True}
+    assert {b.options.estimator for b in blocks("--estimator", "official")} == {"official"}
 
 
 @pytest.mark.parametrize(
     "extra, shares",
     [
         (["--granularities", "0", "1"], {"share_phi0", "share_phi1"}),  # Table 1: skip or keep a token
-        (["--model", "deit_tiny_dge", "--routing", "layer", "--dense-train"],
+        (["--model", "deit_tiny_dge", "--routing", "layer", "--estimator", "official"],
          {"share_phi1", "share_phi2", "share_phi4"}),
         (["--model", "dpvt_tiny_dge", "--granularities", "1", "2"], {"share_phi1", "share_phi2"}),
         (["--no-dge"], set()),
     ],
-    ids=["phi-0-1", "deit-layer-dense", "dpvt-phi-1-2", "vanilla"],
+    ids=["phi-0-1", "deit-layer-official", "dpvt-phi-1-2", "vanilla"],
 )
 def test_every_family_and_ablation_switch_trains_and_reports(data, tmp_path, extra, shares):
     results = run(args_for(data, tmp_path, "--epochs", "1", *extra), log=quiet)

@@ -280,7 +280,7 @@ def test_layer_routing_uses_one_region_for_the_whole_map():
 def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
     block = make_block("pvt", seed=5)
     sparse = DynamicGrainedEncoder(block, C).train()
-    dense = DynamicGrainedEncoder(block, C, dict(dense_train=True)).train()
+    dense = DynamicGrainedEncoder(block, C, dict(estimator="official")).train()
     dense.router.load_state_dict(sparse.router.state_dict())
     hw = (12, 8)
     x = torch.randn(2, 96, C)
@@ -311,7 +311,7 @@ def test_training_runs_only_the_chosen_granularity_and_dense_mode_agrees():
 def test_dense_training_agrees_with_sparse_with_a_class_token(kind):
     block = make_block(kind, seed=6)
     sparse = DynamicGrainedEncoder(block, C, dict(init_fine_prob=0.34), num_extra_tokens=1).train()  # mixed maps
-    dense = DynamicGrainedEncoder(block, C, dict(init_fine_prob=0.34, dense_train=True), num_extra_tokens=1).train()
+    dense = DynamicGrainedEncoder(block, C, dict(init_fine_prob=0.34, estimator="official"), num_extra_tokens=1).train()
     dense.router.load_state_dict(sparse.router.state_dict())
     hw = (9, 10)  # padded to 12×12: partial patches at the border
     x = torch.randn(2, 1 + 90, C)

@@ -4,6 +4,7 @@ import argparse
 from typing import Callable, List, Optional
 
 from ..layers import BudgetLoss, DGEOptions
+from ..layers.encoder import ESTIMATORS
 from .build import REFERENCE_BATCH, dge_model_names
 
 __all__ = ["DGE_DEFAULTS", "build_parser", "parse_args"]
@@ -12,9 +13,9 @@ __all__ = ["DGE_DEFAULTS", "build_parser", "parse_args"]
 _OPTIONS, _BUDGET = DGEOptions(), BudgetLoss()  # the defaults' one home
 DGE_DEFAULTS = dict(granularities=list(_OPTIONS.granularities), region_size=_OPTIONS.region_size,
                     routing=_OPTIONS.routing, budget=_BUDGET.budget, budget_weight=_BUDGET.weight,
-                    dense_train=_OPTIONS.dense_train)
+                    estimator=_OPTIONS.estimator)
 _DGE_FLAGS = dict(granularities="--granularities", region_size="--region-size", routing="--routing",
-                  budget="--budget", budget_weight="--budget-weight", dense_train="--dense-train")
+                  budget="--budget", budget_weight="--budget-weight", estimator="--estimator")
 
 EXAMPLES = """examples:
   # PVT-S + DGE (γ = 0.5, Φ = {1, 2, 4}) on ImageNet, 8 GPUs, 128 images per batch in all
@@ -99,9 +100,10 @@ def _dge_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"target complexity ratio γ of the budget loss (Fig. 5b: 0.25 0.5 0.75 1.0; default: {_BUDGET.budget})")
     dge.add_argument("--budget-weight", type=_non_negative, metavar="LAMBDA",
                      help=f"weight λ of the budget loss λ(β − γ)² (default: {_BUDGET.weight})")
-    dge.add_argument("--dense-train", action="store_const", const=True,
-                     help="in training compute all granularities and mix them (vtpack's way) instead of "
-                     "only the chosen one")
+    dge.add_argument("--estimator", choices=ESTIMATORS,
+                     help="router gradients in training: paper (Eq. 6-7, the chosen granularity only), "
+                     "official (vtpack's default: every granularity computed) or official_sparse "
+                     f"(vtpack's sparse_train) (default: {_OPTIONS.estimator})")
 
 
 def _optim_arguments(parser: argparse.ArgumentParser) -> None:

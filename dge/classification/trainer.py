@@ -32,7 +32,7 @@ from .engine import evaluate, train_one_epoch, unwrap
 __all__ = ["MODEL_ARGS", "RunLog", "format_results", "load_weights", "run"]
 
 # Arguments that define the network: a checkpoint only fits a run with the same values.
-MODEL_ARGS = ("model", "no_dge", "granularities", "region_size", "routing", "dense_train", "input_size")
+MODEL_ARGS = ("model", "no_dge", "granularities", "region_size", "routing", "estimator", "input_size")
 
 
 def _dge_options(args: argparse.Namespace) -> Optional[DGEOptions]:
@@ -42,7 +42,7 @@ def _dge_options(args: argparse.Namespace) -> Optional[DGEOptions]:
         granularities=tuple(args.granularities),
         region_size=args.region_size,
         routing=args.routing,
-        dense_train=args.dense_train,
+        estimator=args.estimator,
     )
 
 

@@ -25,12 +25,14 @@ __all__ = [
     "DGEOptions",
     "DynamicGrainedEncoder",
     "ROUTING_KINDS",
+    "ESTIMATORS",
     "ACCOUNTING_DTYPE",
     "is_capturing",
     "specialize_to_input",
 ]
 
 ROUTING_KINDS = ("region", "layer")
+ESTIMATORS = ("paper", "official", "official_sparse")  # DGEOptions.estimator
 # Query counts, FLOPs and β are summed in float32 whatever the activations are (a block's
 # multiply-adds, ~1e9, overflow float16; bfloat16 keeps 8 bits). float64 would fail on MPS.
 ACCOUNTING_DTYPE = torch.float32
@@ -114,9 +116,14 @@ class DGEOptions:
         region_size: S; None uses max(Φ). Every φ must divide it.
         routing: "region" (Sec. 3.2.2) or "layer" (the region is the whole map, Table 1).
         gumbel_tau: τ of the soft score (Eq. 5).
-        dense_train: in training compute all K granularities and mix them with the one-hot
-            straight-through gate (vtpack's default); False computes only the chosen one
-            (Eq. 6 exactly, and cheaper).
+        estimator: how training passes gradients to the routers:
+            "paper": only the chosen granularity is computed; the task loss reaches the router
+            through the chosen choice's score (Eq. 6), the budget through ψ of the chosen
+            choice (Eq. 7). "official": the official code's (vtpack) default: every
+            granularity computed and mixed by the hard Gumbel-softmax straight-through gate
+            over all K; the budget counts Σ_k gate_k ψ_k, so its gradient reaches every
+            choice's score. "official_sparse": vtpack's ``sparse_train``: the task gradient of
+            "paper", the budget gradient of "official".
         init_fine_prob: initial router probability of the finest granularity.
     """
 
@@ -124,12 +131,14 @@ class DGEOptions:
     region_size: Optional[int] = None
     routing: str = "region"
     gumbel_tau: float = 1.0
-    dense_train: bool = False
+    estimator: str = "paper"
     init_fine_prob: float = 0.95
 
     def __post_init__(self):
         if self.routing not in ROUTING_KINDS:
             raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {self.routing!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}")
         if self.gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be > 0; got {self.gumbel_tau}")
         object.__setattr__(self, "granularities", _check_granularities(self.granularities, None))  # sorted
@@ -160,7 +169,7 @@ class DGEOptions:
             region_size=dge_cfg.REGION_SIZE or None,
             routing=dge_cfg.ROUTING,
             gumbel_tau=dge_cfg.GUMBEL_TAU,
-            dense_train=dge_cfg.DENSE_TRAIN,
+            estimator=dge_cfg.ESTIMATOR,
             init_fine_prob=dge_cfg.INIT_FINE_PROB,
         )
 
@@ -225,7 +234,7 @@ class DynamicGrainedEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"granularities={self.granularities}, region_size={self.region_size}, "
-            f"routing={self.routing}, gumbel_tau={self.options.gumbel_tau}, dense_train={self.options.dense_train}"
+            f"routing={self.routing}, gumbel_tau={self.options.gumbel_tau}, estimator={self.options.estimator}"
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -286,7 +295,7 @@ class DynamicGrainedEncoder(nn.Module):
         layout = self.layout(hw, x.device)
         pooled = PatchPooler(x[:, e:], layout)
         decision = self._decide(x, pooled, layout, granularity_map)
-        if self.training and self.options.dense_train and decision.probs is not None:
+        if self.training and self.options.estimator == "official" and decision.probs is not None:
             out = self._forward_dense(x, pooled, layout, decision, hw)
             num_queries = decision.patches(layout).sum(dim=1).long()
         else:
@@ -297,9 +306,8 @@ class DynamicGrainedEncoder(nn.Module):
     def _account(self, decision: _Decision, num_queries, layout: StaticLayout, hw, routed: bool) -> RoutingInfo:
         """Last step: the routing and its cost (Eq. 7), counted in ``ACCOUNTING_DTYPE``."""
         query_count = num_queries.to(ACCOUNTING_DTYPE)  # not the activation dtype: fp16 overflows a block's FLOPs
-        chosen_p = decision.chosen_p
-        if chosen_p is not None:  # routed in training: ψ is differentiable, straight-through
-            soft = (chosen_p * decision.patches(layout)).sum(dim=1)
+        if decision.probs is not None:  # routed in training: ψ is differentiable, straight-through
+            soft = self._soft_count(decision, layout)
             query_count = query_count + soft - soft.detach()
         use_router = routed and self.router is not None
         return RoutingInfo(
@@ -311,6 +319,15 @@ class DynamicGrainedEncoder(nn.Module):
             router_flops=self.router.flops(layout.num_regions) if use_router else 0.0,
             block_cost=self.block.complexity(hw, self.num_extra_tokens),
         )
+
+    def _soft_count(self, decision: _Decision, layout: StaticLayout) -> torch.Tensor:
+        """[B] the differentiable query count: Σ over regions of p ψ of the chosen choice
+        (Eq. 7), or of Σ_k p_k ψ_k over all K (the official estimators: the expected count
+        under the straight-through one-hot gate)."""
+        if self.options.estimator == "paper":
+            return (decision.chosen_p * decision.patches(layout)).sum(dim=1)
+        probs = decision.probs.view(decision.probs.shape[0], -1, decision.probs.shape[-1])  # [B, R, K]
+        return (probs * layout.region_num_patches.t()).sum(dim=(1, 2))
 
     def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
         """The vanilla block on every token (what all-φ=1 routing computes)."""
