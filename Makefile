@@ -3,7 +3,7 @@ PY := .venv/bin/python
 DEMO_CFG := configs/demo_pvt_dge_synthetic.yaml
 DEMO_OUT := output/demo
 
-.PHONY: setup demo test budget-curves
+.PHONY: setup demo test budget-curves estimator-ab
 
 setup:
 	bash tools/setup/setup_env.sh
@@ -33,3 +33,18 @@ budget-curves: setup
 	$(PY) tools/budget_curves.py --recalibrated $(DEMO_OUT)/model_final_budgets.pth \
 		--trained $(DEMO_OUT)_g0.25 $(DEMO_OUT) $(DEMO_OUT)_g0.75 --vanilla $(DEMO_OUT)_vanilla \
 		--output $(DEMO_OUT)/budget_curves
+
+# The estimator A/B (projects/DGE/README.md): the demo and the Semantic FPN demo trained with
+# each MODEL.DGE.ESTIMATOR over three seeds, then one table and the β-per-stage plots.
+ESTIMATORS := paper official official_sparse
+AB_OUT := output/estimator_ab
+estimator-ab: setup
+	for s in 0 1 2; do for e in $(ESTIMATORS); do \
+		test -f $(AB_OUT)/demo_$${e}_s$$s/model_final.pth || $(PY) train_net.py --config-file $(DEMO_CFG) \
+			MODEL.DGE.ESTIMATOR $$e SEED $$s OUTPUT_DIR $(AB_OUT)/demo_$${e}_s$$s || exit 1; done; done
+	for s in 0 1 2; do for e in $(ESTIMATORS); do \
+		test -f $(AB_OUT)/sem_$${e}_s$$s/model_final.pth || $(PY) train_net.py --config-file \
+			configs/semantic_fpn_pvt_dge_synthetic.yaml MODEL.DGE.ESTIMATOR $$e SEED $$s \
+			OUTPUT_DIR $(AB_OUT)/sem_$${e}_s$$s || exit 1; done; done
+	$(PY) tools/plot_runs.py $(AB_OUT)/demo_* --merge-seeds --output $(AB_OUT)/demo
+	$(PY) tools/plot_runs.py $(AB_OUT)/sem_* --merge-seeds --output $(AB_OUT)/sem

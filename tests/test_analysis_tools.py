@@ -240,7 +240,8 @@ def write_detectron2_run(folder, budget, evals, enabled=True):
     os.makedirs(folder)
     with open(os.path.join(folder, "metrics.json"), "w") as f:
         for it, (ap, beta) in enumerate(evals):
-            f.write(json.dumps({"iteration": 100 * it + 19, "dge/beta": 0.9, "total_loss": 1.0}) + "\n")
+            stages = {f"dge/beta_stage{k}": 0.9 - 0.1 * k for k in range(1, 5)}
+            f.write(json.dumps({"iteration": 100 * it + 19, "dge/beta": 0.9, "total_loss": 1.0, "time": 0.5, **stages}) + "\n")
             row = {"iteration": 100 * it + 99, "bbox/AP": ap, "segm/AP": ap - 2}
             if enabled:
                 row.update({"routing/beta": beta, **{f"routing/beta_stage{k}": beta + 0.01 * k for k in range(1, 5)}})
@@ -333,3 +334,21 @@ def test_plot_runs_errors_name_the_run_and_what_it_lacks(runs_tool, tmp_path):
         runs_tool.main([run, classifier, "--output", str(tmp_path / "plots")])
     with pytest.raises(ValueError, match="no evaluation row with mIoU"):
         runs_tool.main([run, "--metric", "mIoU", "--output", str(tmp_path / "plots")])
+
+
+def test_plot_runs_merges_seeds_and_draws_beta_per_stage_over_training(runs_tool, tmp_path):
+    runs = [write_detectron2_run(tmp_path / f"paper_s{s}", 0.5, [(20.0 + s, 0.5)]) for s in range(3)]
+    runs.append(write_detectron2_run(tmp_path / "official_s0", 0.5, [(30.0, 0.4)]))
+    with open(os.path.join(runs[0], "metrics.json"), "a") as f:  # a per-class AP is not a setting's score
+        f.write(json.dumps({"iteration": 300, "bbox/AP": 24.0, "bbox/AP-disc": 9.0, "routing/beta": 0.5}) + "\n")
+    out = tmp_path / "merged"
+    result = runs_tool.main(runs + ["--merge-seeds", "--output", str(out)])
+    settings = {row["label"]: row for row in read_csv(out / "settings.csv")}
+    assert set(settings) == {"paper", "official"}
+    assert (settings["paper"]["n"], settings["official"]["n"]) == ("3", "1")
+    assert float(settings["paper"]["scores/bbox/AP"]) == pytest.approx((24.0 + 21.0 + 22.0) / 3, abs=0.01)  # 4 significant digits
+    assert float(settings["paper"]["scores/bbox/AP_sd"]) == pytest.approx(1.5275, abs=1e-3)
+    assert "scores/bbox/AP-disc" not in settings["paper"] and settings["official"]["scores/bbox/AP_sd"] == ""
+    assert float(settings["official"]["stage1"]) == pytest.approx(0.41)
+    assert (out / "beta_training.png").stat().st_size > 5000 and "beta_training" in result["files"]
+    assert float(settings["paper"]["seconds_per_iter"]) == 0.5

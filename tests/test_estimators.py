@@ -169,3 +169,25 @@ def test_the_config_key_reaches_every_block_and_the_old_key_says_what_replaced_i
         load_config("configs/demo_pvt_dge_synthetic.yaml", ["MODEL.DGE.DENSE_TRAIN", "True"])
     with pytest.raises(ValueError, match="estimator must be one of"):
         build_model(load_config("configs/demo_pvt_dge_synthetic.yaml", ["MODEL.DGE.ESTIMATOR", "dense"]))
+
+
+def test_router_scores_compare_the_inference_and_the_training_routing():
+    """A fresh model (p(φ=1) = 0.95 everywhere): argmax keeps every region at φ = 1, Gumbel
+    sampling routes about 5% coarser; the model is back in eval mode afterwards."""
+    import timm
+
+    from dge.analysis.router_scores import stage_router_scores
+    from dge.layers import dge_modules
+
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_tiny_dge", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 96)
+    rows = stage_router_scores(model, [lambda: model.forward_features(x)], draws=6)
+    assert len(rows) == 4
+    for r in rows:
+        assert r["beta_argmax"] == pytest.approx(1.0, abs=1e-3)  # + the router's own cost
+        assert r["argmax_share"] == [1.0, 0.0, 0.0]
+        assert r["mean_probs"][0] == pytest.approx(0.95, abs=0.01)
+        assert r["fine_margin"] > 3.0
+    assert sum(r["beta_sampled"] for r in rows[:3]) / 3 < 0.99
+    assert not any(m.training for m in dge_modules(model))

@@ -24,11 +24,12 @@ import csv
 import json
 import logging
 import os
+import re
 from typing import Dict
 
 
-from dge.analysis.plots import plot_layer_betas, plot_metric_vs_budget
-from dge.analysis.runs import read_run
+from dge.analysis.plots import plot_layer_betas, plot_metric_vs_budget, plot_training_betas
+from dge.analysis.runs import merge_seeds, read_run
 from dge.engine import run_tool, setup_dge_logger
 
 logger = logging.getLogger("dge.plot_runs")
@@ -41,8 +42,25 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--select", choices=("last", "best"), default="last",
                         help="which evaluation of a run: its last or its best (default: last)")
     parser.add_argument("--labels", nargs="+", help="one label per run (default: the folder names)")
+    parser.add_argument("--merge-seeds", action="store_true",
+                        help="runs whose labels differ only in a trailing _s<N> are seeds of one setting: "
+                        "write settings.csv with the mean and sd of each setting's scores, β and s/it")
     parser.add_argument("--output", default="output/runs", metavar="DIR")
     return parser
+
+
+def _write_settings(settings, path: str) -> str:
+    columns = list(dict.fromkeys(k for s in settings for k in s))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for s in settings:
+            writer.writerow([s.get(c) if not isinstance(s.get(c), float) else f"{s[c]:.4g}" for c in columns])
+    for s in settings:
+        scores = "  ".join(f"{k[7:]} {v:.2f}" for k, v in s.items() if k.startswith("scores/") and
+                           not k.endswith("_sd") and k.split("/")[-1] in ("AP", "AP50", "mIoU", "acc1"))
+        logger.info(f"{s['label']} (n={s['n']}): {scores}  β {s['beta']:.3f}  {s['seconds_per_iter'] or 0:.3f} s/it")
+    return path
 
 
 def main(argv=None) -> Dict:
@@ -68,6 +86,11 @@ def main(argv=None) -> Dict:
         files["beta_per_layer"] = plot_layer_betas(series, os.path.join(args.output, "beta_per_layer.png"))
     else:
         logger.info("no run has β per layer or stage (runs without DGE): beta_per_layer.png not written")
+    trained = [dict(r, group=re.sub(r"_s\d+$", "", r["label"])) for r in runs if r["train_stage_betas"]]
+    if trained:
+        files["beta_training"] = plot_training_betas(trained, os.path.join(args.output, "beta_training.png"))
+    if args.merge_seeds:
+        files["settings"] = _write_settings(merge_seeds(runs), os.path.join(args.output, "settings.csv"))
     columns = ["label", "folder", "kind", "group", "metric", "value", "budget", "beta", "vanilla", "step"]
     with open(os.path.join(args.output, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)

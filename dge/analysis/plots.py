@@ -15,6 +15,7 @@ __all__ = [
     "plot_layer_histograms",
     "plot_layer_variance",
     "plot_metric_vs_budget",
+    "plot_training_betas",
 ]
 
 
@@ -235,4 +236,28 @@ def plot_block_betas(images: Sequence, path: str) -> str:
     ax.set_ylabel("complexity ratio β")
     ax.set_title(f"Complexity ratio per block over {len(images)} image(s) (fvcore)")
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_training_betas(runs: Sequence[Dict], path: str) -> str:
+    """β per stage over training (the batch β under Gumbel sampling, one panel per stage), a
+    line per run, one colour per setting (``group``: runs of one setting share it). Each run:
+    ``label``, ``group``, ``iterations``, ``train_stage_betas`` [stages][points]."""
+    plt = pyplot()
+    stages = max(len(r["train_stage_betas"]) for r in runs)
+    groups = list(dict.fromkeys(r["group"] for r in runs))
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, stages, figsize=(3.2 * stages, 3.2), sharey=True, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        for r in runs:
+            if k < len(r["train_stage_betas"]):
+                label = r["group"] if r is next(x for x in runs if x["group"] == r["group"]) else None
+                ax.plot(r["iterations"], r["train_stage_betas"][k], color=colours(groups.index(r["group"]) % 10),
+                        linewidth=1.0, alpha=0.8, label=label)
+        ax.set_title(f"stage {k + 1}", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0.0, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training β (Gumbel-sampled)")
+    axes[0][0].legend(fontsize=8, loc="lower left")
     return _save(fig, path)

@@ -7,9 +7,10 @@ import os
 import re
 from typing import Dict, List, Optional
 
+import numpy as np
 import yaml
 
-__all__ = ["METRICS", "read_run"]
+__all__ = ["METRICS", "read_run", "merge_seeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,4 +102,48 @@ def read_run(folder: str, metric: Optional[str] = None, select: str = "last") ->
         run["layer_betas"], run["layer_unit"] = layers, "layer"
     else:
         run["layer_betas"], run["layer_unit"] = (stages, "stage") if stages else ([], None)
-    return dict(run, folder=folder)
+    run["scores"] = {k: float(v) for k, v in row.items()  # summary metrics, not per class ("AP-cat")
+                     if k.split("/")[0] in _EVALUATED and "-" not in k}
+    run["shares"] = {k.split("share_phi")[1]: v for k, v in row.items() if k.startswith("routing/share_phi")}
+    return dict(run, folder=folder, **_training(rows))
+
+
+_EVALUATED = ("bbox", "segm", "sem_seg", "classification")
+
+
+def _training(rows: List[Dict]) -> Dict:
+    """The training rows' curves: ``iterations``, ``train_stage_betas`` [stages][rows] (the
+    batch β per stage under Gumbel sampling, ``dge/beta_stage*``) and ``seconds_per_iter``
+    (median of detectron2's ``time``)."""
+    rows = [r for r in rows if "dge/beta" in r]
+    stages = sorted({int(k[len("dge/beta_stage"):]) for r in rows for k in r if k.startswith("dge/beta_stage")})
+    times = sorted(r["time"] for r in rows if "time" in r)
+    return dict(
+        iterations=[r["iteration"] for r in rows],
+        train_stage_betas=[[r.get(f"dge/beta_stage{k}") for r in rows] for k in stages],
+        seconds_per_iter=times[len(times) // 2] if times else None,
+    )
+
+
+def merge_seeds(runs: List[Dict]) -> List[Dict]:
+    """Runs whose labels differ only in a trailing ``_s<N>`` are seeds of one setting: one row
+    per setting with ``n`` and the mean and standard deviation (``*_sd``) of its scores, β,
+    β per stage, shares of φ and seconds per iteration, in the order the settings first appear."""
+    groups: Dict[str, List[Dict]] = {}
+    for r in runs:
+        groups.setdefault(re.sub(r"_s\d+$", "", r["label"]), []).append(r)
+    merged = []
+    for label, members in groups.items():
+        values = {f"scores/{k}": [m["scores"].get(k) for m in members] for k in members[0]["scores"]}
+        values.update({f"shares/{k}": [m["shares"].get(k) for m in members] for k in members[0]["shares"]})
+        values["beta"] = [m["beta"] for m in members]
+        values["seconds_per_iter"] = [m["seconds_per_iter"] for m in members]
+        for i in range(len(members[0]["layer_betas"])):
+            values[f"{members[0]['layer_unit']}{i + 1}"] = [m["layer_betas"][i] for m in members]
+        row = dict(label=label, n=len(members))
+        for key, vals in values.items():
+            vals = np.array([v for v in vals if v is not None], dtype=float)
+            row[key] = float(vals.mean()) if vals.size else None
+            row[f"{key}_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else None
+        merged.append(row)
+    return merged
