@@ -191,3 +191,15 @@ def test_router_scores_compare_the_inference_and_the_training_routing():
         assert r["fine_margin"] > 3.0
     assert sum(r["beta_sampled"] for r in rows[:3]) / 3 < 0.99
     assert not any(m.training for m in dge_modules(model))
+
+
+@pytest.mark.parametrize("estimator", ["paper", "official", "official_sparse"])
+def test_a_training_step_after_inference_mode_runs(estimator):
+    """The layout cached by an inference-mode forward (a benchmark's calibration, an
+    evaluation) serves the next training step of every estimator."""
+    layer, x, hw, weights = setup("pvt", estimator, seed=6)
+    with torch.inference_mode():
+        layer.eval()(x, hw)
+    task, budget = dge_losses(layer.train(), x, hw, 1, weights)
+    (task + budget).backward()
+    assert layer.router.gate.weight.grad.abs().sum() > 0
