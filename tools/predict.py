@@ -14,12 +14,11 @@ import os
 import cv2
 import tqdm
 from detectron2.data import MetadataCatalog
-from dge.engine import Predictor, setup_dge_logger
+from dge.engine import setup_dge_logger, tool_predictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import dge  # noqa: F401  (registration)
 from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
-from dge.config import load_config
 
 logger = logging.getLogger("dge.predict")
 
@@ -35,11 +34,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_dge_logger()
-    cfg = load_config(args.config_file, args.opts)
-    cfg.freeze()
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: predictions come from a randomly initialised model")
-    predictor = Predictor(cfg)
+    predictor = tool_predictor(args.config_file, args.opts, "predictions come from a randomly initialised model")
+    cfg = predictor.cfg
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     summary = {}

@@ -16,9 +16,8 @@ import os
 
 import dge  # noqa: F401  (registers models and datasets)
 from dge.analysis.router_scores import format_router_scores, stage_router_scores
-from dge.config import load_config
 from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
-from dge.engine import Predictor, run_tool, setup_dge_logger
+from dge.engine import run_tool, setup_dge_logger, tool_predictor
 
 logger = logging.getLogger("dge.router_scores")
 
@@ -31,11 +30,7 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_dge_logger()
-    cfg = load_config(args.config_file, args.opts)
-    cfg.freeze()
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: these are the scores of a randomly initialised model")
-    predictor = Predictor(cfg)
+    predictor = tool_predictor(args.config_file, args.opts, "these are the scores of a randomly initialised model")
     images = list(iter_images(args.input or ([] if args.dataset else list(DEFAULT_PHOTOS)), args.dataset,
                               args.max_images))
     rows = stage_router_scores(predictor.model, [lambda bgr=bgr: predictor(bgr) for _, bgr in images], args.draws)

@@ -16,10 +16,9 @@ import logging
 import os
 
 import tqdm
-from dge.engine import Predictor, setup_dge_logger
+from dge.engine import setup_dge_logger, tool_predictor
 
 import dge  # noqa: F401
-from dge.config import load_config
 from dge.modeling.backbone.utils import padded_size
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
 from dge.layers import record_routing
@@ -35,12 +34,8 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_dge_logger()
-    cfg = load_config(args.config_file, args.opts)
-    cfg.freeze()
     inputs = args.input or ([] if args.dataset else list(DEFAULT_PHOTOS))
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: the gates shown are those of a randomly initialised model")
-    predictor = Predictor(cfg)
+    predictor = tool_predictor(args.config_file, args.opts, "the gates shown are those of a randomly initialised model")
     model = predictor.model
     os.makedirs(args.output, exist_ok=True)
     summary = {}

@@ -7,5 +7,5 @@ from .metrics import WholeLinesJSONWriter
 from .optimizer import build_lr_scheduler, build_optimizer, no_weight_decay_params, param_groups
 from .routing_stats import RoutingStatsWriter
 from .seeds import StepSeeds
-from .predictor import Predictor, as_predictor_image
+from .predictor import Predictor, as_predictor_image, tool_predictor
 from .logs import run_tool, setup_dge_logger

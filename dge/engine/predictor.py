@@ -6,7 +6,9 @@ import logging
 import numpy as np
 from detectron2.engine import DefaultPredictor
 
-__all__ = ["Predictor", "as_predictor_image"]
+from ..config import load_config
+
+__all__ = ["Predictor", "as_predictor_image", "tool_predictor"]
 
 logger = logging.getLogger(__name__)
 EXPECTED = "expected a uint8 numpy image H×W×3 (in cfg.INPUT.FORMAT, BGR by default), H×W / H×W×1 grey or H×W×4"
@@ -47,3 +49,13 @@ class Predictor(DefaultPredictor):
 
     def __call__(self, original_image):
         return super().__call__(as_predictor_image(original_image))
+
+
+def tool_predictor(config_file: str, opts, untrained: str) -> "Predictor":
+    """A tool's predictor: ``config_file`` with its KEY VALUE ``opts`` (frozen; ``.cfg``);
+    without MODEL.WEIGHTS it warns "MODEL.WEIGHTS is empty: <untrained>"."""
+    cfg = load_config(config_file, opts)
+    cfg.freeze()
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning(f"MODEL.WEIGHTS is empty: {untrained}")
+    return Predictor(cfg)
