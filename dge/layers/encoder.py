@@ -327,8 +327,7 @@ class DynamicGrainedEncoder(nn.Module):
         if self.options.estimator == "paper":
             return (decision.chosen_p * decision.patches(layout)).sum(dim=1)
         probs = decision.probs.view(decision.probs.shape[0], -1, decision.probs.shape[-1])  # [B, R, K]
-        patches = layout.region_num_patches.t().clone()  # a cached layout may hold inference-mode tensors
-        return (probs * patches).sum(dim=(1, 2))
+        return (probs * layout.region_num_patches.t()).sum(dim=(1, 2))
 
     def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
         """The vanilla block on every token (what all-φ=1 routing computes)."""

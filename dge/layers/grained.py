@@ -194,6 +194,7 @@ def _slot_table(grid: _Grid, granularities: Tuple[int, ...], num_extra: int, dev
 
 
 @functools.lru_cache(maxsize=128)
+@torch.inference_mode(False)  # cached constants: never inference tensors, which autograd cannot save
 def static_layout(
     h: int,
     w: int,
