@@ -249,9 +249,11 @@ def plot_training_betas(runs: Sequence[Dict], path: str) -> str:
     colours = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, stages, figsize=(3.2 * stages, 3.2), sharey=True, squeeze=False)
     for k, ax in enumerate(axes[0]):
+        labelled = set()  # one legend entry per group
         for r in runs:
             if k < len(r["train_stage_betas"]):
-                label = r["group"] if r is next(x for x in runs if x["group"] == r["group"]) else None
+                label = None if r["group"] in labelled else r["group"]
+                labelled.add(r["group"])
                 ax.plot(r["iterations"], r["train_stage_betas"][k], color=colours(groups.index(r["group"]) % 10),
                         linewidth=1.0, alpha=0.8, label=label)
         ax.set_title(f"stage {k + 1}", fontsize=9)

@@ -69,10 +69,11 @@ def stage_router_scores(model: nn.Module, runs: Iterable[Callable[[], object]], 
         stage_logits = torch.cat([x for m in blocks for x in logits[m]])  # [regions, K]
         fine = blocks[0].router.fine_index
         others = torch.cat([stage_logits[:, :fine], stage_logits[:, fine + 1 :]], dim=1)
+        choices = torch.bincount(stage_logits.argmax(-1), minlength=stage_logits.shape[1])
         rows.append(dict(
             stage=name, granularities=list(blocks[0].granularities),
             mean_probs=stage_logits.softmax(-1).mean(0).tolist(),
-            argmax_share=torch.bincount(stage_logits.argmax(-1), minlength=stage_logits.shape[1]).div(len(stage_logits)).tolist(),
+            argmax_share=choices.div(len(stage_logits)).tolist(),
             fine_margin=(stage_logits[:, fine] - others.max(dim=1).values).mean().item(),
             beta_argmax=float(np.mean([b[k] for b in argmax])), beta_sampled=float(np.mean([b[k] for b in sampled])),
         ))

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import statistics
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -117,11 +118,11 @@ def _training(rows: List[Dict]) -> Dict:
     (median of detectron2's ``time``)."""
     rows = [r for r in rows if "dge/beta" in r]
     stages = sorted({int(k[len("dge/beta_stage"):]) for r in rows for k in r if k.startswith("dge/beta_stage")})
-    times = sorted(r["time"] for r in rows if "time" in r)
+    times = [r["time"] for r in rows if "time" in r]
     return dict(
         iterations=[r["iteration"] for r in rows],
         train_stage_betas=[[r.get(f"dge/beta_stage{k}") for r in rows] for k in stages],
-        seconds_per_iter=times[len(times) // 2] if times else None,
+        seconds_per_iter=statistics.median(times) if times else None,
     )
 
 
