@@ -53,6 +53,7 @@ __all__ = [
     "packed_attention_available",
     "cudnn_attention_allowed",
     "sdpa",
+    "attend",
     "sdpa_kernels",
     "packed_attention",
     "attention_backends",
@@ -167,6 +168,26 @@ def attention_backends(device: torch.device, head_dim: int = 64, length: int = 1
     return found
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[QueryRows], dropout: float = 0.0):
+    """Attention of queries q [B, heads, M, d] to keys, values [B', heads, Nk, d] -> [B, M,
+    heads * d]. With ``rows`` the queries are B' images' packed rows (B = 1): on a CUDA GPU in
+    half precision one ``varlen_attn`` call, elsewhere padded per segment of one image's rows,
+    each segment against its image's keys."""
+    b, heads, m, d = q.shape
+    if rows is not None and packed_attention_available(q, d, dropout):
+        x = packed_attention(q.transpose(1, 2).reshape(-1, heads, d), k, v, rows)
+        return x.view(b, m, heads * d)
+    if rows is None:
+        return sdpa(q, k, v, dropout).transpose(1, 2).reshape(b, m, heads * d)
+    segments, images = rows.segments()  # each segment gets its image's keys
+    q = segments.pad(q.transpose(1, 2).reshape(-1, heads * d))
+    if images is not None:
+        k, v = k.index_select(0, images), v.index_select(0, images)
+    s, n = q.shape[:2]
+    x = sdpa(q.view(s, n, heads, d).transpose(1, 2), k, v, dropout).transpose(1, 2).reshape(s, n, heads * d)
+    return segments.unpad(x).view(b, m, heads * d)
+
+
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity forward, gradient multiplied by ``scale`` backward (no arithmetic when no
     gradient flows, e.g. at inference)."""
@@ -246,24 +267,10 @@ class SpatialReductionAttention(MultiHeadBase):
         query_centers: Optional[torch.Tensor] = None,
         rows: Optional[QueryRows] = None,
     ) -> torch.Tensor:
-        shape = queries.shape
         k, v = self.keys_values(context, hw)
         q = self.q(queries)
-        drop = self.attn_drop if self.training else 0.0
-        if rows is not None and packed_attention_available(q, self.head_dim, drop):
-            x = packed_attention(q.view(-1, self.num_heads, self.head_dim), k, v, rows)
-            return self.proj_drop(self.proj(x.view(shape)))
-        segments = None
-        if rows is not None:  # pad per segment of one image's rows; each gets its image's keys
-            segments, images = rows.segments()
-            q = segments.pad(q.view(-1, self.dim))
-            if images is not None:
-                k, v = k.index_select(0, images), v.index_select(0, images)
-        b, m, c = q.shape
-        q = q.view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
-        x = sdpa(q, k, v, drop).transpose(1, 2).reshape(b, m, c)
-        if segments is not None:
-            x = segments.unpad(x).view(shape)
+        q = q.view(*q.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+        x = attend(q, k, v, rows, self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x))
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
