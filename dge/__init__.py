@@ -31,6 +31,7 @@ from .layers import (
 )
 from .modeling.backbone.convert import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict
 from .modeling.meta_arch import DGERCNN, BudgetLossMixin, DGESemanticSegmentor
+from .modeling.timm_patch import patch, unpatch
 
 __version__ = "0.2.0.dev0"
 
@@ -42,6 +43,8 @@ __all__ = [
     # the layer, its options and what a forward decided
     "DGEOptions",
     "DynamicGrainedEncoder",
+    "patch",
+    "unpatch",
     "RoutingInfo",
     "RoutingRecord",
     "record_routing",

@@ -50,3 +50,14 @@ def test_repeats_in_fresh_processes_and_summarises_each_ratio(tmp_path):
     assert row["ratios"] == each and len(row["dge_median_ms"]) == 2
     assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
     assert row["ratio_median"] == pytest.approx(sum(each) / 2, abs=1e-4)
+
+
+def test_a_timm_model_against_itself_patched(one_thread):
+    results = benchmark.main(
+        ["--timm-model", "vit_small_patch16_224", "--sizes", "64x96", "--runs", "1", "--warmup", "0"]
+    )
+    (case,) = results["cases"]
+    assert case["size"] == [64, 96] and 0.3 <= case["beta"] <= 0.7
+    assert case["dge"]["median_ms"] > 0 and case["ratio"] == pytest.approx(
+        case["dge"]["median_ms"] / case["vanilla"]["median_ms"], rel=1e-3
+    )

@@ -8,10 +8,9 @@ import pytest
 import timm
 import torch
 from timm.models import FeatureInfo
-from timm.models import get_notrace_functions, get_notrace_modules
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import dge  # noqa: F401  (registration)
+from model_helpers import fx_extractor
 
 OUR_MODULES = ("dge.modeling.backbone.pvt", "dge.modeling.backbone.deit")
 NAMES = sorted(
@@ -76,26 +75,15 @@ def test_features_only_and_forward_intermediates(name):
         assert o.shape[1] == c
 
 
-def _fx(model):
-    """timm's ``_create_fx_model``: a symbolic trace with timm's leaf modules and functions."""
-    tracer_kwargs = dict(
-        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
-    )
-    train, evaluation = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    return create_feature_extractor(
-        model, train_return_nodes=[train[-1]], eval_return_nodes=[evaluation[-1]], tracer_kwargs=tracer_kwargs
-    )
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_fx_trace_forward_and_backward(name):
     model = timm.create_model(name).eval()
     x = _input()
     with torch.inference_mode():
         eager = model(x)
-        traced = torch.cat(tuple(_fx(model)(x).values()))
+        traced = torch.cat(tuple(fx_extractor(model)(x).values()))
     assert torch.equal(traced, eager)
     model = timm.create_model(name, num_classes=42).train()
-    out = torch.cat(tuple(_fx(model)(_input(batch=2)).values()))
+    out = torch.cat(tuple(fx_extractor(model)(_input(batch=2)).values()))
     out.mean().backward()
     assert out.shape[-1] == 42 and all(p.grad is not None for p in model.parameters())

@@ -29,13 +29,14 @@ import argparse
 import json
 
 import dge  # noqa: F401
-from dge.analysis.benchmark import BenchmarkSpec, run_benchmark, run_in_processes
+from dge.analysis.benchmark import BenchmarkSpec, run_benchmark, run_in_processes, timm_benchmark
 from dge.analysis.latency import PRECISIONS, RUNTIMES
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/mask_rcnn_pvt_s_dge_1x.yaml")
+    parser.add_argument("--timm-model", help="a timm ViT, against itself patched by dge.patch (forward_features)")
     parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
@@ -82,7 +83,9 @@ def main(argv=None):
         warmup=args.warmup, memory=args.memory,
     )
     say = lambda line: print(line, flush=True)  # noqa: E731
-    if args.processes > 1:
+    if args.timm_model:
+        results = timm_benchmark(args.timm_model, spec.sizes, args.target_beta, args.runs, args.warmup, say)
+    elif args.processes > 1:
         results = run_in_processes(spec, args.processes, say)
     else:
         results = run_benchmark(spec, say)

@@ -3,6 +3,7 @@ step, interleaved in one process (``run_benchmark``), repeated in fresh processe
 (``run_in_processes``), and peak memory per case in a fresh process (``cpu_peak_memory``).
 ``tools/benchmark.py`` is the command line over these."""
 import concurrent.futures
+import copy
 import gc
 import multiprocessing
 import resource
@@ -11,11 +12,14 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
+from timm.data import resolve_data_config
 
 from ..config import load_config
 from ..layers import complexity_report, record_routing
-from .calibration import calibrate, set_logit_offset
+from ..modeling.timm_patch import patch
+from .calibration import calibrate, randomize_routers, set_logit_offset
 from .latency import (
     build_models,
     case_functions,
@@ -30,7 +34,7 @@ from .latency import (
     with_precision,
 )
 
-__all__ = ["BenchmarkSpec", "run_benchmark", "run_in_processes", "cpu_peak_memory", "summarise_processes"]
+__all__ = ["BenchmarkSpec", "run_benchmark", "timm_benchmark", "run_in_processes", "cpu_peak_memory", "summarise_processes"]
 
 
 @dataclass(frozen=True)
@@ -234,3 +238,32 @@ def cpu_peak_memory(spec: BenchmarkSpec, what: str, variant: str, offset: Option
         return {"peak_rss_mb": round(peak, 1), "rss_increase_mb": round(peak - before, 1)}
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"process_peak_rss_mb (includes building the models)": round(lifetime, 1)}
+
+
+def timm_benchmark(name: str, sizes: Sequence[Tuple[int, int]], target_beta: float = 0.5, runs: int = 7,
+                   warmup: int = 2, say=print) -> dict:
+    """timm model ``name`` (random weights) against itself patched by ``dge.patch``: same
+    weights but the routers (re-initialised, calibrated to ``target_beta`` on the photographs),
+    ``forward_features`` at batch 1 per size, interleaved in this process."""
+    results = {"timm_model": name, "threads": torch.get_num_threads(), "cases": []}
+    for hw in sizes:
+        torch.manual_seed(0)
+        vanilla = timm.create_model(name, img_size=tuple(hw), num_classes=0).eval()
+        patched = patch(copy.deepcopy(vanilla))
+        randomize_routers(patched, seed=0)
+        data = resolve_data_config(model=vanilla)
+        mean, std = (torch.tensor(data[k]).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
+        x = (photos(1, hw, "cpu") - mean) / std
+        with torch.inference_mode():
+            calibrate(patched, lambda: patched.forward_features(x), target_beta)
+            with record_routing() as record:
+                patched.forward_features(x)
+            cases = {"vanilla": lambda: vanilla.forward_features(x), "dge": lambda: patched.forward_features(x)}
+            samples = timed_interleaved(cases, runs, warmup)
+        row = {k: {"median_ms": round(statistics.median(v), 2)} for k, v in samples.items()}
+        row.update(size=list(hw), beta=round(complexity_report(record, patched).beta.item(), 4),
+                   ratio=round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4))
+        say(f"{name} {hw[0]}x{hw[1]}: β {row['beta']}, DGE / vanilla {row['ratio']} "
+            f"({row['dge']['median_ms']:.1f} / {row['vanilla']['median_ms']:.1f} ms)")
+        results["cases"].append(row)
+    return results

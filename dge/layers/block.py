@@ -18,9 +18,20 @@ from .attention import inference_tiles
 from .grained import QueryRows, token_centers
 from .keys import map_block_keys
 
-__all__ = ["Mlp", "EncoderBlock", "NORM_EPS"]
+__all__ = ["Mlp", "EncoderBlock", "NORM_EPS", "drop_path_rows"]
 
 NORM_EPS = 1e-6  # the blocks' and the final norm: norm_layer=partial(nn.LayerNorm, eps=1e-6) in PVT v1 / DeiT
+
+
+def drop_path_rows(drop_path: nn.Module, x: torch.Tensor, rows: Optional[QueryRows]) -> torch.Tensor:
+    """``drop_path(x)`` (timm's ``DropPath`` or ``nn.Identity``), stochastic depth per image;
+    for packed rows [1, T, C] every row of an image shares its image's draw."""
+    rate = getattr(drop_path, "drop_prob", 0.0)
+    if rows is None or not drop_path.training or rate == 0.0:
+        return drop_path(x)
+    keep = 1.0 - rate
+    per_image = x.new_empty(rows.batch).bernoulli_(keep).div_(keep)
+    return x * per_image.index_select(0, rows.image_index).view(x.shape[0], -1, 1)
 
 
 class Mlp(nn.Module):
@@ -111,13 +122,7 @@ class EncoderBlock(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _drop_path(self, x: torch.Tensor, rows: Optional[QueryRows]) -> torch.Tensor:
-        """Stochastic depth per image; for packed rows, every row of an image shares its draw."""
-        rate = getattr(self.drop_path, "drop_prob", 0.0)
-        if rows is None or not self.training or rate == 0.0:
-            return self.drop_path(x)
-        keep = 1.0 - rate
-        per_image = x.new_empty(rows.batch).bernoulli_(keep).div_(keep)
-        return x * per_image.index_select(0, rows.image_index).view(x.shape[0], -1, 1)
+        return drop_path_rows(self.drop_path, x, rows)
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         """(fixed, per_query) multiply-adds, fvcore's convention (LayerNorm: 5 per element,

@@ -203,7 +203,7 @@ def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Ite
             kwargs = dict(kwargs)
             names = ("x", "hw", "granularity_map")
             kwargs.update({k: a for k, a in zip(names, args)})
-            x, hw = kwargs["x"], kwargs["hw"]
+            x, hw = kwargs["x"], module.resolve_hw(kwargs.get("hw"))
             regions = module.layout(hw, x.device).region_grid
             if isinstance(granularity, int):
                 gmap = torch.full((x.shape[0],) + regions, granularity, dtype=torch.long, device=x.device)

@@ -285,10 +285,21 @@ class DynamicGrainedEncoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, hw: Tuple[int, int], granularity_map: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        hw: Optional[Tuple[int, int]] = None,
+        granularity_map: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         """x: [B, E + H*W, C] -> [B, E + H*W, C]; ``granularity_map`` [B, Hr, Wr] (values in Φ)
-        bypasses the router."""
+        bypasses the router. ``hw`` None: the block's ``token_grid()`` (a block whose model
+        calls it without the map size, e.g. timm's: ``dge.modeling.timm_patch``).
+        ``attn_mask`` / ``is_causal``: timm's block call, which passes them through when set
+        (e.g. in an FX trace); a DGE block attends unmasked and refuses a mask."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
+        hw = self.resolve_hw(hw)
         e = self.num_extra_tokens
         if x.shape[1] != e + hw[0] * hw[1]:
             raise ValueError(f"expected E + H*W = {e} + {hw[0]}*{hw[1]} = {e + hw[0] * hw[1]} tokens; got {x.shape[1]}")
@@ -302,6 +313,15 @@ class DynamicGrainedEncoder(nn.Module):
             out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw)
         add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
         return out
+
+    def resolve_hw(self, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        """``hw``, or where it is None the map size the block knows (``block.token_grid()``)."""
+        if hw is not None:
+            return hw
+        grid = getattr(self.block, "token_grid", None)
+        if grid is None:
+            raise TypeError(f"{type(self.block).__name__} has no token_grid(): call its DGE block as dge(x, hw)")
+        return grid()
 
     def _account(self, decision: _Decision, num_queries, layout: StaticLayout, hw, routed: bool) -> RoutingInfo:
         """Last step: the routing and its cost (Eq. 7), counted in ``ACCOUNTING_DTYPE``."""

@@ -4,3 +4,4 @@ budget-loss meta-architectures (META_ARCH_REGISTRY) and the Semantic FPN head
 from . import backbone  # noqa: F401  (registration)
 from . import meta_arch  # noqa: F401  (registration)
 from . import sem_seg  # noqa: F401  (registration)
+from . import timm_patch  # noqa: F401  (dge.patch / dge.unpatch)
