@@ -122,7 +122,7 @@ class TimmBlock(nn.Module):
         q = attn.q_norm(q.view(q.shape[0], q.shape[1], heads, d).transpose(1, 2))
         kv = kv.view(context.shape[0], context.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
         x = attend(q, attn.k_norm(kv[0]), kv[1], rows, attn.attn_drop.p if self.training else 0.0)
-        x = getattr(attn, "norm", nn.Identity())(x)
+        x = attn.norm(x)
         return attn.proj_drop(attn.proj(x))
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
@@ -133,7 +133,7 @@ class TimmBlock(nn.Module):
         c, a = self.dim, self.attn.num_heads * self.attn.head_dim
         fixed = n * (_norm_cost(self.norm1, c) + 2 * c * a + _norm_cost(self.attn.k_norm, a))
         per_query = _norm_cost(self.norm1, c) + c * a + _norm_cost(self.attn.q_norm, a) + 2.0 * n * a
-        per_query += _norm_cost(getattr(self.attn, "norm", None), a) + _linear_cost(self.attn.proj)
+        per_query += _norm_cost(self.attn.norm, a) + _linear_cost(self.attn.proj)
         return fixed, per_query + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
 
 
