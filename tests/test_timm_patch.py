@@ -7,10 +7,13 @@ import timm
 import torch
 from timm.models.vision_transformer import Block
 
+from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+
 import dge
 from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset
+from dge.analysis.syncs import count_host_reads
 from dge.layers import DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention, complexity_report
-from dge.modeling.timm_patch import TimmBlock, TokenGrid
+from dge.modeling.timm_patch import TimmBlock, TokenGrid, rope_at_centers
 from model_helpers import fx_extractor, recorded
 
 # name -> (timm model, kwargs): grids of 5×7 patches (regions of 4 cut at the borders).
@@ -21,6 +24,10 @@ CASES = {
     "deit3_small": ("deit3_small_patch16_224", dict(img_size=(80, 112))),
     "mae_base": ("vit_base_patch16_224.mae", dict(img_size=(80, 112))),
     "dinov2_reg4_small": ("vit_small_patch14_reg4_dinov2", dict(img_size=(70, 98))),
+    # EVA-02: RoPE rescaled to a 16×16 pre-training grid; fused qkv with q/v biases (tiny),
+    # separate projections and a normed SwiGLU (base); 6×8 patches (the smallest it takes)
+    "eva02_tiny_ls": ("eva02_tiny_patch14_224", dict(img_size=(84, 112), init_values=0.1, depth=6)),
+    "eva02_base": ("eva02_base_patch14_224", dict(img_size=(84, 112))),
 }
 
 
@@ -32,7 +39,7 @@ def make(case: str, seed: int = 0):
     model = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n.endswith(("gamma", "norm1.weight", "norm2.weight")):
+            if n.endswith(("gamma", "gamma_1", "gamma_2", "norm1.weight", "norm2.weight")):
                 p.normal_(1.0 if "norm" in n else 0.0, 0.5)
     return model, torch.randn(2, 3, *kwargs["img_size"])
 
@@ -103,6 +110,30 @@ def test_patch_says_what_it_cannot_take():
         dge.unpatch(dge.unpatch(model))
 
 
+@pytest.mark.parametrize("offset", [0.5, 1.5, 0.25])
+def test_rotary_table_at_pooled_centres_is_timms_table_there(offset):
+    """EVA-02's table (rescaled grid, both layouts) at centres off the tokens equals timm's
+    own table built on the grid shifted by that much; extra tokens (centre 0) unrotated."""
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=(84, 112))
+    hw, rope = (6, 8), model.rope
+    for half in (False, True):
+        table = lambda shift: torch.cat(build_rotary_pos_embed(
+            list(hw), bands=rope.bands, in_pixels=False, ref_feat_shape=rope.ref_feat_shape,
+            grid_offset=shift, rotate_half=half), dim=-1)
+        i, j = torch.meshgrid(torch.arange(6.0), torch.arange(8.0), indexing="ij")
+        centers = torch.stack([i, j], dim=-1).view(1, -1, 2) + 0.5 + offset
+        got = rope_at_centers(table(0.0), hw, torch.cat([torch.zeros(1, 1, 2), centers], dim=1))[0]
+        inside = (centers[0] < torch.tensor(hw)).all(dim=1)  # a centre past the last token: not a pooled one
+        assert max_diff(got[1:][inside], table(offset)[inside]) <= 2e-6
+        assert torch.equal(got[0], torch.cat([torch.zeros(rope.dim), torch.ones(rope.dim)]))
+
+
+def test_patched_eva_says_which_grids_its_rotary_table_allows():
+    model = dge.patch(timm.create_model("eva02_tiny_patch14_224", img_size=(70, 112)).eval())
+    with pytest.raises(ValueError, match="5x8 patch grid turns .* at least 6 patches a side"):
+        model.forward_features(torch.randn(1, 3, 70, 112))
+
+
 def _twin_blocks(dim=32, heads=2):
     """A timm Block and dge's EncoderBlock with the same weights (q / kv = rows of qkv)."""
     torch.manual_seed(0)
@@ -136,7 +167,7 @@ def test_the_adapter_equals_dge_encoder_block_on_random_routing():
         assert max_diff(adapted.block(x, hw), theirs(x)) == 0.0
 
 
-@pytest.mark.parametrize("case", ["vit_small_qk_norm", "dinov2_reg4_small"])
+@pytest.mark.parametrize("case", ["vit_small_qk_norm", "dinov2_reg4_small", "eva02_base"])
 def test_beta_costs_are_fvcore_counts(case):
     """A block's (fixed, per-query) cost at every token is fvcore's count of the timm block,
     and the patched model's per-image trace counts what β's accounting says."""
@@ -157,15 +188,16 @@ def test_beta_costs_are_fvcore_counts(case):
     assert float(complexity_report(record, model).beta) == pytest.approx(0.5, abs=0.1)
 
 
-def test_timm_contract_holds_when_patched():
+@pytest.mark.parametrize("case", ["deit3_small", "eva02_tiny_ls"])
+def test_timm_contract_holds_when_patched(case):
     """forward_intermediates, backward to every parameter (the routers included) and an FX
     trace (patched blocks and the recording patch embedding are leaves) of a patched model."""
-    model, x = make("deit3_small")
+    model, x = make(case)
     route(dge.patch(model), x)
     with torch.no_grad():
         final, maps = model.forward_intermediates(x[:1], indices=3)
         assert torch.equal(final, model.forward_features(x[:1])) and len(maps) == 3
-        assert maps[0].shape == (1, model.embed_dim, 5, 7)
+        assert maps[0].shape == (1, model.embed_dim, *model.patch_embed.dynamic_feat_size(x.shape[-2:]))
         traced = torch.cat(tuple(fx_extractor(model)(x[:1]).values()))
         assert torch.equal(traced, model(x[:1]))
     model.train()
@@ -173,9 +205,10 @@ def test_timm_contract_holds_when_patched():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
-def test_torch_export_of_a_patched_model_stays_dynamic():
+@pytest.mark.parametrize("case", ["vit_small", "eva02_tiny_ls"])
+def test_torch_export_of_a_patched_model_stays_dynamic(case):
     """One graph exported at one image's routing runs another image's routing exactly."""
-    model, x = make("vit_small")
+    model, x = make(case)
     route(dge.patch(model), x)
     with torch.no_grad():
         program = torch.export.export(model, (x[:1],))
@@ -184,3 +217,13 @@ def test_torch_export_of_a_patched_model_stays_dynamic():
         _, first = recorded(model, x[:1])
         _, second = recorded(model, x[1:])
     assert not torch.equal(first.infos[0].granularity_map, second.infos[0].granularity_map)
+
+
+@pytest.mark.parametrize("case", ["vit_small", "eva02_tiny_ls"])
+def test_patched_inference_reads_one_nonzero_per_block(case):
+    """Batch 2 at β ≈ 0.5: the query count of each block is the shape of one nonzero; the
+    rotary table at pooled centres is computed without reading a value."""
+    model, x = make(case)
+    route(dge.patch(model), x)
+    with torch.no_grad():
+        assert count_host_reads(lambda: model(x)) == {"aten::nonzero": len(model.blocks)}

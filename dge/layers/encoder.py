@@ -1,5 +1,6 @@
 """The Dynamic Grained Encoder (Sec. 3.2): sparse queries for any vanilla encoder block."""
 import contextlib
+import functools
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
@@ -291,12 +292,14 @@ class DynamicGrainedEncoder(nn.Module):
         granularity_map: Optional[torch.Tensor] = None,
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
+        rope: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x: [B, E + H*W, C] -> [B, E + H*W, C]; ``granularity_map`` [B, Hr, Wr] (values in Φ)
         bypasses the router. ``hw`` None: the block's ``token_grid()`` (a block whose model
         calls it without the map size, e.g. timm's: ``dge.modeling.timm_patch``).
         ``attn_mask`` / ``is_causal``: timm's block call, which passes them through when set
-        (e.g. in an FX trace); a DGE block attends unmasked and refuses a mask."""
+        (e.g. in an FX trace); a DGE block attends unmasked and refuses a mask. ``rope``: the
+        rotary table timm's EVA passes its blocks, handed on to ``forward_queries``."""
         if attn_mask is not None or is_causal:
             raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
         hw = self.resolve_hw(hw)
@@ -306,11 +309,12 @@ class DynamicGrainedEncoder(nn.Module):
         layout = self.layout(hw, x.device)
         pooled = PatchPooler(x[:, e:], layout)
         decision = self._decide(x, pooled, layout, granularity_map)
+        run = self.block.forward_queries if rope is None else functools.partial(self.block.forward_queries, rope=rope)
         if self.training and self.options.estimator == "official" and decision.probs is not None:
-            out = self._forward_dense(x, pooled, layout, decision, hw)
+            out = self._forward_dense(x, pooled, layout, decision, hw, run)
             num_queries = decision.patches(layout).sum(dim=1).long()
         else:
-            out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw)
+            out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw, run)
         add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
         return out
 
@@ -349,13 +353,13 @@ class DynamicGrainedEncoder(nn.Module):
         probs = decision.probs.view(decision.probs.shape[0], -1, decision.probs.shape[-1])  # [B, R, K]
         return (probs * layout.region_num_patches.t()).sum(dim=(1, 2))
 
-    def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout) -> torch.Tensor:
+    def _plain_block(self, x: torch.Tensor, hw: Tuple[int, int], layout: StaticLayout, run) -> torch.Tensor:
         """The vanilla block on every token (what all-φ=1 routing computes)."""
         b, e = x.shape[0], self.num_extra_tokens
         centers = layout.token_centers.expand(b, -1, -1)  # float32 in any dtype (positions)
         if e:
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
-        return self.block.forward_queries(x, x, hw, centers)
+        return run(x, x, hw, centers)
 
     def _check_capture(self, batch: int, layout: StaticLayout) -> None:
         """What a graph capture of this block cannot take (eager runs it all)."""
@@ -371,7 +375,7 @@ class DynamicGrainedEncoder(nn.Module):
                 f"that the graph cannot take"
             )
 
-    def _shortcut(self, x, hw, layout: StaticLayout, packing, decision: _Decision) -> Optional[torch.Tensor]:
+    def _shortcut(self, x, hw, layout: StaticLayout, packing, decision: _Decision, run) -> Optional[torch.Tensor]:
         """Eager shortcuts, decided on the query count (a shape, known without a sync): every
         query one token is the vanilla block; every region skipped is the identity; else None."""
         total = packing.rows.total
@@ -380,26 +384,27 @@ class DynamicGrainedEncoder(nn.Module):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 total = int(total)  # specialized: the traced input's count is meant
         if decision.probs is None and total == x.shape[0] * x.shape[1]:
-            return self._plain_block(x, hw, layout)  # no gather, no scatter
+            return self._plain_block(x, hw, layout, run)  # no gather, no scatter
         if total == 0:
             return x
         return None
 
-    def _forward_sparse(self, x, pooled, layout, decision: _Decision, hw):
+    def _forward_sparse(self, x, pooled, layout, decision: _Decision, hw, run):
         """Steps 2-4: pack the chosen queries of all images into rows, run the block on them
-        against the dense input, unpack ``x + unpool(ŷ - q)``. -> (output, queries per image)."""
+        (``run``: its ``forward_queries``) against the dense input, unpack ``x + unpool(ŷ - q)``.
+        -> (output, queries per image)."""
         b, n, c = x.shape
         e = self.num_extra_tokens
         capturing = is_capturing() and not self.specialized
         if capturing:
             self._check_capture(b, layout)
         packing = pack_queries(layout, decision.choice)
-        shortcut = None if capturing else self._shortcut(x, hw, layout, packing, decision)
+        shortcut = None if capturing else self._shortcut(x, hw, layout, packing, decision, run)
         if shortcut is not None:
             return shortcut, packing.num_queries
         # Packed rows of all images (each image's extra tokens, then its queries).
         queries, centers = gather_queries(packing, query_sources(x, pooled, self.granularities))
-        y = self.block.forward_queries(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
+        y = run(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
         extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
@@ -411,7 +416,7 @@ class DynamicGrainedEncoder(nn.Module):
         out = unpack_tokens(x[:, e:], delta, packing)
         return (torch.cat([extra_out, out], dim=1) if e else out), packing.num_queries
 
-    def _forward_dense(self, x, pooled, layout, decision: _Decision, hw):
+    def _forward_dense(self, x, pooled, layout, decision: _Decision, hw, run):
         """All K granularities computed and mixed by the one-hot straight-through gate. Their
         queries go through the block together, in one call: the key/value side is the same
         for every query layout and is computed once (queries attend to the context only)."""
@@ -432,7 +437,7 @@ class DynamicGrainedEncoder(nn.Module):
         # The block sees each image's extra tokens once, then every granularity's queries.
         queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
         centers = torch.cat([parts[0][3].new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
-        y = self.block.forward_queries(queries, x, hw, centers)
+        y = run(queries, x, hw, centers)
         deltas = (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
         out = x[:, e:]
         for (k, packing, _, _), delta in zip(parts, deltas):

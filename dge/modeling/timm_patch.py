@@ -2,10 +2,12 @@
 
 ``patch(model, options)`` wraps every block of a timm ``VisionTransformer`` (ViT, DeiT III,
 MAE, DINOv2 with registers and layer scale: timm's ``Block`` with its fused-qkv
-``Attention``) in the one ``DynamicGrainedEncoder``; ``unpatch(model)`` puts the original
-blocks back. ``TimmBlock`` supplies the block protocol (``dge.layers.block``) over the timm
-block's own modules: queries take the q rows of the fused ``qkv`` projection, the dense
-context its k and v rows, then timm's q/k norms, attention, projection, layer scales and MLP.
+``Attention``) or ``Eva`` (EVA, EVA-02: ``EvaBlock`` with rotary position embeddings) in the
+one ``DynamicGrainedEncoder``; ``unpatch(model)`` puts the original blocks back.
+``TimmBlock`` supplies the block protocol (``dge.layers.block``) over the timm block's own
+modules: queries take the q projection, the dense context the k and v projections, then
+timm's q/k norms, attention, projection, layer scales and MLP. EVA's rotary table rotates
+the keys as timm does and each pooled query at its region's centre (``rope_at_centers``).
 
 Keys: a patched block keeps the timm block's modules under ``block.`` and adds ``router.``;
 the unpatched model's state dict loads into the patched one (``map_block_keys``), the
@@ -19,11 +21,13 @@ parameters and keys; an FX leaf, so a traced model records it too) that writes
 """
 import functools
 import logging
+import math
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
-from timm.layers import Attention
+from timm.layers import Attention, RotaryEmbeddingCat, apply_rot_embed_cat
 from timm.models import register_notrace_module
+from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
@@ -40,10 +44,26 @@ logger = logging.getLogger(__name__)
 
 class TokenGrid:
     """The patch grid (H, W) of a patched model's latest forward: written by its patch
-    embedding, read by its blocks."""
+    embedding, read by its blocks; and, for a model with rotary embeddings, what bounds
+    their angle step per token (host numbers, read once when patching)."""
 
-    def __init__(self):
+    def __init__(self, rope: Optional[nn.Module] = None):
         self.hw: Optional[Tuple[int, int]] = None
+        self.rope_band = 0.0 if rope is None else float(rope.bands.abs().max())
+        self.rope_ref = None if rope is None else rope.ref_feat_shape
+
+    def check_rope_step(self, hw: Tuple[int, int]) -> None:
+        """Pooled queries take the rotary angle between tokens, read off the table: exact
+        while a channel turns by less than π per token (EVA rescales the grid to its
+        pre-training size ``ref_feat_shape``, which turns faster on small grids)."""
+        scale = 1.0 if self.rope_ref is None else max(r / s for r, s in zip(self.rope_ref, hw))
+        if self.rope_band * scale >= math.pi:
+            least = math.ceil(self.rope_band * max(self.rope_ref) / math.pi + 1e-9)
+            raise ValueError(
+                f"a {hw[0]}x{hw[1]} patch grid turns the rotary embedding by {self.rope_band * scale:.2f} rad a "
+                f"token (≥ π) at its pre-training grid {tuple(self.rope_ref)}: DGE's pooled queries need at least "
+                f"{least} patches a side"
+            )
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,30 +80,34 @@ def _grid_recording(cls: type) -> type:
 
 
 def _check_block(block: nn.Module, index: int) -> None:
-    """timm's Block and Attention (or subclasses that keep their forward): the computation
-    ``TimmBlock`` re-composes from their parts."""
+    """timm's Block with Attention, or EVA's EvaBlock with EvaAttention (or subclasses that
+    keep their forward): the computations ``TimmBlock`` re-composes from their parts."""
     attn = getattr(block, "attn", None)
-    if type(block).forward is not Block.forward or type(attn).forward is not Attention.forward:
+    pairs = ((Block, Attention), (EvaBlock, EvaAttention))
+    if not any(type(block).forward is b.forward and type(attn).forward is a.forward for b, a in pairs):
         raise TypeError(
-            f"dge.patch supports timm's Block with its fused-qkv Attention (ViT, DeiT III, MAE, DINOv2); "
-            f"block {index} is {type(block).__name__} with {type(attn).__name__}"
+            f"dge.patch supports timm's Block with its fused-qkv Attention (ViT, DeiT III, MAE, DINOv2) "
+            f"and EvaBlock with EvaAttention (EVA, EVA-02); block {index} is {type(block).__name__} "
+            f"with {type(attn).__name__}"
         )
     if getattr(attn, "gate", None) is not None:
         raise TypeError(f"dge.patch: block {index} has a gated attention, which it does not support")
 
 
 class TimmBlock(nn.Module):
-    """A timm ``Block`` in the block protocol: its modules (same names, same tensors) and
-    ``forward_queries``; ``forward(x, hw)`` is the original block. ``grid`` gives the map
-    size the model's caller does not pass."""
+    """A timm ``Block`` or ``EvaBlock`` in the block protocol: its modules and parameters
+    (same names, same tensors) and ``forward_queries``; ``forward(x, hw)`` is the original
+    block. ``grid`` gives the map size the model's caller does not pass."""
 
     def __init__(self, block: nn.Module, grid: TokenGrid):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
+        for name, param in block._parameters.items():  # EVA's layer scales (None where unset)
+            self.register_parameter(name, param)
         self._original = (block,)  # a tuple: not a submodule, no second set of keys
         self._grid = grid
-        self.dim = self.attn.qkv.in_features
+        self.dim = block.norm1.normalized_shape[0]
 
     @property
     def original(self) -> nn.Module:
@@ -95,8 +119,8 @@ class TimmBlock(nn.Module):
             raise RuntimeError("a patched timm block ran before its model's patch embedding recorded the grid")
         return self._grid.hw
 
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        return self.original(x)
+    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, rope=None) -> torch.Tensor:
+        return self.original(x) if rope is None else self.original(x, rope=rope)
 
     def forward_queries(
         self,
@@ -105,36 +129,101 @@ class TimmBlock(nn.Module):
         hw: Tuple[int, int],
         query_centers: Optional[torch.Tensor] = None,
         rows: Optional[QueryRows] = None,
+        rope: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         q = self.norm1(queries)
         ctx = q if context is queries else self.norm1(context)
-        x = queries + drop_path_rows(self.drop_path1, self.ls1(self._attention(q, ctx, rows)), rows)
-        return x + drop_path_rows(self.drop_path2, self.ls2(self.mlp(self.norm2(x))), rows)
+        if rope is not None:
+            self._grid.check_rope_step(hw)
+            rope = (rope, rope_at_centers(rope, hw, query_centers))
+        attn = self._layer_scale(1, self._attention(q, ctx, rows, rope))
+        x = queries + drop_path_rows(self.drop_path1, attn, rows)
+        return x + drop_path_rows(self.drop_path2, self._layer_scale(2, self.mlp(self.norm2(x))), rows)
 
-    def _attention(self, queries: torch.Tensor, context: torch.Tensor, rows: Optional[QueryRows]) -> torch.Tensor:
-        """timm's Attention with queries apart from the context: the q rows of ``qkv`` on the
-        queries, its k and v rows on the context."""
+    def _layer_scale(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``ls{i}`` module, or EVA's ``gamma_{i}`` parameter (None: no scale)."""
+        ls = getattr(self, f"ls{i}", None)
+        if ls is not None:
+            return ls(x)
+        gamma = getattr(self, f"gamma_{i}", None)
+        return x if gamma is None else gamma * x
+
+    def _attention(self, queries, context, rows: Optional[QueryRows], rope) -> torch.Tensor:
+        """timm's attention with queries apart from the context: q projected from the
+        queries, k and v from the context; ``rope``: (the context's rotary table, the
+        queries' table at their centres) or None."""
         attn = self.attn
         heads, d = attn.num_heads, attn.head_dim
-        a, weight, bias = heads * d, attn.qkv.weight, attn.qkv.bias
-        q = F.linear(queries, weight[:a], None if bias is None else bias[:a])
-        kv = F.linear(context, weight[a:], None if bias is None else bias[a:])
-        q = attn.q_norm(q.view(q.shape[0], q.shape[1], heads, d).transpose(1, 2))
-        kv = kv.view(context.shape[0], context.shape[1], 2, heads, d).permute(2, 0, 3, 1, 4)
-        x = attend(q, attn.k_norm(kv[0]), kv[1], rows, attn.attn_drop.p if self.training else 0.0)
-        x = attn.norm(x)
-        return attn.proj_drop(attn.proj(x))
+        q, k, v = (t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in _project(attn, queries, context))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            half, e = attn.rotate_half, attn.num_prefix_tokens  # as EvaAttention: prefix keys unrotated
+            k = torch.cat([k[:, :, :e], apply_rot_embed_cat(k[:, :, e:], rope[0], half=half)], dim=2).type_as(v)
+            q = apply_rot_embed_cat(q, rope[1][:, None], half=half).type_as(v)
+        x = attend(q, k, v, rows, attn.attn_drop.p if self.training else 0.0)
+        return attn.proj_drop(attn.proj(attn.norm(x)))
 
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         """(fixed, per_query) multiply-adds, fvcore's convention (LayerNorm 5 per element;
-        softmax, GELU, layer scales, additions 0). Fixed: ``norm1`` of the context, the k and
-        v projections and the k norm; per query: everything else."""
+        softmax, GELU, rotations, layer scales, additions 0). Fixed: ``norm1`` of the context,
+        the k and v projections and the k norm; per query: everything else."""
         n = hw[0] * hw[1] + num_extra
         c, a = self.dim, self.attn.num_heads * self.attn.head_dim
         fixed = n * (_norm_cost(self.norm1, c) + 2 * c * a + _norm_cost(self.attn.k_norm, a))
         per_query = _norm_cost(self.norm1, c) + c * a + _norm_cost(self.attn.q_norm, a) + 2.0 * n * a
         per_query += _norm_cost(self.attn.norm, a) + _linear_cost(self.attn.proj)
         return fixed, per_query + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
+
+
+def _project(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
+    """(q, k, v) [B, *, heads * d]: q from the queries, k and v from the context, with the
+    rows of a fused ``qkv`` (timm's bias, or EVA's q / k / v biases) or EVA's separate
+    ``q_proj`` / ``k_proj`` / ``v_proj``."""
+    if getattr(attn, "qkv", None) is None:
+        return attn.q_proj(queries), attn.k_proj(context), attn.v_proj(context)
+    a, weight, bias = attn.num_heads * attn.head_dim, attn.qkv.weight, attn.qkv.bias
+    if getattr(attn, "q_bias", None) is not None:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    q = F.linear(queries, weight[:a], None if bias is None else bias[:a])
+    kv = F.linear(context, weight[a:], None if bias is None else bias[a:])
+    return q, kv[..., :a], kv[..., a:]
+
+
+def rope_at_centers(table: torch.Tensor, hw: Tuple[int, int], centers: torch.Tensor) -> torch.Tensor:
+    """timm's concatenated rotary table [H*W, 2D] (sin | cos) evaluated at query centres
+    [B, M, 2] (y, x; token (i, j) centred at (i + 0.5, j + 0.5); extra tokens at 0, which
+    get the identity rotation) -> [B, M, 2D] float32.
+
+    Each channel's angle is affine in the token index (timm's index, pixel and centred grids,
+    EVA's rescaling), so the angle at a centre is the table's at the token below it plus the
+    fraction times the channel's one-token step, read off the table (|step| < π: true of
+    index-grid bands, whose step is at most the grid's rescale factor). Whole-token centres
+    read the table exactly."""
+    if table.dim() != 2 or table.shape[0] != hw[0] * hw[1]:
+        raise ValueError(
+            f"dge needs a rotary table [H*W = {hw[0] * hw[1]}, 2D] (timm's 'cat' rope); got {tuple(table.shape)}"
+        )
+    sin, cos = table.float().view(hw[0], hw[1], -1).chunk(2, dim=-1)
+    pos = centers - 0.5
+    below = pos.floor().clamp(min=0)
+    frac = pos - below
+    index = below[..., 0].clamp(max=hw[0] - 1).long() * hw[1] + below[..., 1].clamp(max=hw[1] - 1).long()
+    s, c = (t.reshape(hw[0] * hw[1], -1)[index] for t in (sin, cos))
+    phi = frac[..., :1] * _step_angle(sin, cos, 0) + frac[..., 1:] * _step_angle(sin, cos, 1)
+    sp, cp = phi.sin(), phi.cos()
+    s, c = s * cp + c * sp, c * cp - s * sp
+    prefix = centers[..., :1] < 0.5
+    return torch.cat([s.masked_fill(prefix, 0.0), c.masked_fill(prefix, 1.0)], dim=-1)
+
+
+def _step_angle(sin: torch.Tensor, cos: torch.Tensor, dim: int) -> torch.Tensor:
+    """[D] each channel's angle step from token 0 to token 1 along ``dim`` of [H, W, D]
+    tables, in (-π, π] (0 for a grid one token wide)."""
+    if sin.shape[dim] < 2:
+        return sin.new_zeros(sin.shape[-1])
+    s0, s1 = sin.select(dim, 0)[0], sin.select(dim, 1)[0]
+    c0, c1 = cos.select(dim, 0)[0], cos.select(dim, 1)[0]
+    return torch.atan2(s1 * c0 - c1 * s0, c1 * c0 + s1 * s0)
 
 
 def _norm_cost(norm: Optional[nn.Module], width: int) -> float:
@@ -163,11 +252,15 @@ def patch(model: nn.Module, options: Union[None, Mapping[str, Any], DGEOptions] 
         raise TypeError(f"dge.patch takes a timm VisionTransformer (blocks, patch_embed); got {type(model).__name__}")
     for i, block in enumerate(blocks):
         _check_block(block, i)
+    rope = getattr(model, "rope", None)
+    if rope is not None and (type(rope) is not RotaryEmbeddingCat or rope.grid_type != "index"):
+        raise TypeError(f"dge.patch supports EVA's rotary embedding on an index grid; {type(model).__name__} has "
+                        f"{type(rope).__name__} (grid {getattr(rope, 'grid_type', None)})")
     options = DGEOptions.coerce(options) or DGEOptions()
-    grid = TokenGrid()
+    grid = TokenGrid(rope)
     for i, block in enumerate(blocks):
-        weight = block.attn.qkv.weight
-        wrapped = DynamicGrainedEncoder(TimmBlock(block, grid), weight.shape[1], options, model.num_prefix_tokens)
+        adapter, weight = TimmBlock(block, grid), block.norm1.weight
+        wrapped = DynamicGrainedEncoder(adapter, adapter.dim, options, model.num_prefix_tokens)
         blocks[i] = wrapped.to(device=weight.device, dtype=weight.dtype).train(block.training)
     embed.__class__ = _grid_recording(type(embed))
     embed.dge_grid = grid
