@@ -19,7 +19,7 @@ from dge.layers import (
     record_routing,
     token_centers,
 )
-from model_helpers import recorded
+from model_helpers import recorded, reference_dge
 
 C = 16
 
@@ -36,37 +36,6 @@ def make_block(kind: str, seed: int = 0) -> EncoderBlock:
     else:
         raise ValueError(kind)
     return EncoderBlock(C, attn, mlp_ratio=2.0).eval()
-
-
-def reference_dge(block, x, hw, gmap, region, num_extra=0):
-    """Loop over images, regions and patches: the definition of the DGE output."""
-    h, w = hw
-    out = x.clone()
-    for b in range(x.shape[0]):
-        spatial = x[b, num_extra:].view(h, w, -1)
-        queries, centers, members = [], [], []
-        for ri in range(gmap.shape[1]):
-            for rj in range(gmap.shape[2]):
-                g = int(gmap[b, ri, rj])
-                if g == 0:
-                    continue
-                for py in range(ri * region, (ri + 1) * region, g):
-                    for px in range(rj * region, (rj + 1) * region, g):
-                        ys = range(py, min(py + g, h))
-                        xs = range(px, min(px + g, w))
-                        if len(ys) == 0 or len(xs) == 0:
-                            continue
-                        queries.append(torch.stack([spatial[i, j] for i in ys for j in xs]).mean(0))
-                        centers.append([sum(i + 0.5 for i in ys) / len(ys), sum(j + 0.5 for j in xs) / len(xs)])
-                        members.append([(i, j) for i in ys for j in xs])
-        q = torch.stack([*x[b, :num_extra], *queries])[None]
-        cen = torch.tensor([[0.0, 0.0]] * num_extra + centers)[None]
-        y = block.forward_queries(q, x[b : b + 1], hw, cen)[0]
-        out[b, :num_extra] = y[:num_extra]
-        for k, toks in enumerate(members):
-            for i, j in toks:
-                out[b, num_extra + i * w + j] = x[b, num_extra + i * w + j] + y[num_extra + k] - q[0, num_extra + k]
-    return out
 
 
 @pytest.mark.parametrize("kind", ["pvt", "global", "deformable"])

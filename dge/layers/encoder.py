@@ -299,9 +299,12 @@ class DynamicGrainedEncoder(nn.Module):
         calls it without the map size, e.g. timm's: ``dge.modeling.timm_patch``).
         ``attn_mask`` / ``is_causal``: timm's block call, which passes them through when set
         (e.g. in an FX trace); a DGE block attends unmasked and refuses a mask. ``rope``: the
-        rotary table timm's EVA passes its blocks, handed on to ``forward_queries``."""
+        rotary table timm's EVA passes its blocks, handed on to ``forward_queries``. ``x`` may
+        also be a map [B, H, W, C] (a block without extra tokens): the output is one too."""
         if attn_mask is not None or is_causal:
             raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
+        if x.dim() == 4 and self.num_extra_tokens == 0:  # a map [B, H, W, C] (SAM's, ViTDet's blocks)
+            return self(x.flatten(1, 2), tuple(x.shape[1:3]), granularity_map, rope=rope).view(x.shape)
         hw = self.resolve_hw(hw)
         e = self.num_extra_tokens
         if x.shape[1] != e + hw[0] * hw[1]:

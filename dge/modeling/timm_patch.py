@@ -8,6 +8,10 @@ one ``DynamicGrainedEncoder``; ``unpatch(model)`` puts the original blocks back.
 modules: queries take the q projection, the dense context the k and v projections, then
 timm's q/k norms, attention, projection, layer scales and MLP. EVA's rotary table rotates
 the keys as timm does and each pooled query at its region's centre (``rope_at_centers``).
+SAM's blocks (``VisionTransformerSAM``, ViTDet's design: W×W windows of the zero-padded map,
+global blocks between, decomposed relative positions; they take maps [B, H, W, C]) attend
+each pooled query to its window's keys (``dge.layers.windows``); the region size must
+divide the window size, so that regions tile windows.
 
 Keys: a patched block keeps the timm block's modules under ``block.`` and adds ``router.``;
 the unpatched model's state dict loads into the patched one (``map_block_keys``), the
@@ -27,15 +31,17 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 from timm.layers import Attention, RotaryEmbeddingCat, apply_rot_embed_cat
 from timm.models import register_notrace_module
+from timm.models import vision_transformer_sam as sam
 from timm.models.eva import EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
 from dge.layers import DGEOptions, DynamicGrainedEncoder
-from dge.layers.attention import attend
+from dge.layers.attention import attend, sdpa
 from dge.layers.block import drop_path_rows
 from dge.layers.grained import QueryRows
+from dge.layers.windows import rel_pos_bias, window_rows
 
 __all__ = ["patch", "unpatch", "is_patched", "TimmBlock", "TokenGrid"]
 
@@ -83,15 +89,15 @@ def _check_block(block: nn.Module, index: int) -> None:
     """timm's Block with Attention, or EVA's EvaBlock with EvaAttention (or subclasses that
     keep their forward): the computations ``TimmBlock`` re-composes from their parts."""
     attn = getattr(block, "attn", None)
-    pairs = ((Block, Attention), (EvaBlock, EvaAttention))
+    pairs = ((Block, Attention), (EvaBlock, EvaAttention), (sam.Block, sam.Attention))
     if not any(type(block).forward is b.forward and type(attn).forward is a.forward for b, a in pairs):
         raise TypeError(
             f"dge.patch supports timm's Block with its fused-qkv Attention (ViT, DeiT III, MAE, DINOv2) "
-            f"and EvaBlock with EvaAttention (EVA, EVA-02); block {index} is {type(block).__name__} "
-            f"with {type(attn).__name__}"
+            f"EvaBlock with EvaAttention (EVA, EVA-02) and SAM's windowed Block; block {index} is "
+            f"{type(block).__name__} with {type(attn).__name__}"
         )
-    if getattr(attn, "gate", None) is not None:
-        raise TypeError(f"dge.patch: block {index} has a gated attention, which it does not support")
+    if getattr(attn, "gate", None) is not None or getattr(attn, "rope", None) is not None:
+        raise TypeError(f"dge.patch: block {index} has a gated or rotary SAM attention, which it does not support")
 
 
 class TimmBlock(nn.Module):
@@ -120,6 +126,9 @@ class TimmBlock(nn.Module):
         return self._grid.hw
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, rope=None) -> torch.Tensor:
+        if isinstance(self.attn, sam.Attention):  # SAM's blocks take [B, H, W, C]
+            hw = hw or self.token_grid()
+            return self.original(x.view(x.shape[0], hw[0], hw[1], -1)).flatten(1, 2)
         return self.original(x) if rope is None else self.original(x, rope=rope)
 
     def forward_queries(
@@ -136,7 +145,11 @@ class TimmBlock(nn.Module):
         if rope is not None:
             self._grid.check_rope_step(hw)
             rope = (rope, rope_at_centers(rope, hw, query_centers))
-        attn = self._layer_scale(1, self._attention(q, ctx, rows, rope))
+        if isinstance(self.attn, sam.Attention):
+            attn = self._windowed_attention(q, ctx, hw, query_centers, rows)
+        else:
+            attn = self._attention(q, ctx, rows, rope)
+        attn = self._layer_scale(1, attn)
         x = queries + drop_path_rows(self.drop_path1, attn, rows)
         return x + drop_path_rows(self.drop_path2, self._layer_scale(2, self.mlp(self.norm2(x))), rows)
 
@@ -163,16 +176,66 @@ class TimmBlock(nn.Module):
         x = attend(q, k, v, rows, attn.attn_drop.p if self.training else 0.0)
         return attn.proj_drop(attn.proj(attn.norm(x)))
 
+    def _windowed_attention(self, queries, context, hw, centers, rows: Optional[QueryRows]) -> torch.Tensor:
+        """SAM's attention (ViTDet's): in W×W windows of the zero-padded map, or global
+        (``window_size`` 0), with the decomposed relative-position bias at each query's
+        centre (``dge.layers.windows``)."""
+        attn, window = self.attn, self.original.window_size
+        heads, d = attn.num_heads, attn.head_dim
+        b, c = context.shape[0], context.shape[-1]
+        if window > 0:  # the vanilla block's padded windows: [B·nW, W², C]
+            context = sam.window_partition(context.view(b, hw[0], hw[1], c), window)[0].flatten(1, 2)
+        q, k, v = _project(attn, queries, context)
+        key_hw = (window, window) if window > 0 else hw
+        if window > 0:
+            images = rows.image_index if rows is not None else _row_images(b, queries.shape[1], q.device)
+            place = window_rows(centers.reshape(-1, 2), images, b, hw, window)
+            q, centers = place.scatter(q.reshape(-1, q.shape[-1])), place.centers
+        elif rows is not None:
+            q, centers = rows.pad(q[0]), rows.pad(centers[0])
+        q, k, v = (t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = rel_pos_bias(q, centers, (attn.rel_pos_h, attn.rel_pos_w), key_hw) if attn.use_rel_pos else None
+        x = sdpa(q, k, v, attn.attn_drop.p if self.training else 0.0, bias).transpose(1, 2).flatten(2)
+        if window > 0:
+            x = place.gather(x)
+        elif rows is not None:
+            x = rows.unpad(x)
+        return attn.proj_drop(attn.proj(x.reshape(queries.shape[0], queries.shape[1], -1)))
+
     def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
         """(fixed, per_query) multiply-adds, fvcore's convention (LayerNorm 5 per element;
         softmax, GELU, rotations, layer scales, additions 0). Fixed: ``norm1`` of the context,
         the k and v projections and the k norm; per query: everything else."""
+        if isinstance(self.attn, sam.Attention):
+            return self._windowed_complexity(hw)
         n = hw[0] * hw[1] + num_extra
         c, a = self.dim, self.attn.num_heads * self.attn.head_dim
         fixed = n * (_norm_cost(self.norm1, c) + 2 * c * a + _norm_cost(self.attn.k_norm, a))
         per_query = _norm_cost(self.norm1, c) + c * a + _norm_cost(self.attn.q_norm, a) + 2.0 * n * a
         per_query += _norm_cost(self.attn.norm, a) + _linear_cost(self.attn.proj)
         return fixed, per_query + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
+
+
+    def _windowed_complexity(self, hw: Tuple[int, int]) -> Tuple[float, float]:
+        """SAM's block: the vanilla one attends from and to the zero-padded map in windows
+        (whose attention, one dense call per window here too, is fixed) or globally (per
+        query); fixed also holds the vanilla block's work on padding tokens."""
+        window, attn = self.original.window_size, self.attn
+        n, c, a = hw[0] * hw[1], self.dim, attn.num_heads * attn.head_dim
+        keys = (window, window) if window > 0 else hw
+        padded = math.prod(-(-s // window) * window for s in hw) if window > 0 else n
+        core = 2.0 * keys[0] * keys[1] * a + (sum(keys) * a if attn.use_rel_pos else 0.0)
+        rowwise = c * a + _norm_cost(attn.q_norm, a) + _linear_cost(attn.proj)  # q projection and norm, proj
+        fixed = n * _norm_cost(self.norm1, c) + padded * (2 * c * a + _norm_cost(attn.k_norm, a))
+        fixed += (padded - n) * rowwise + (padded * core if window > 0 else 0.0)
+        per_query = _norm_cost(self.norm1, c) + rowwise + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
+        return fixed, per_query + (core if window == 0 else 0.0)
+
+
+def _row_images(batch: int, rows: int, device) -> torch.Tensor:
+    """[B·M] long: the image of each row of a [B, M] batch."""
+    return torch.arange(batch, device=device).repeat_interleave(rows)
 
 
 def _project(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
@@ -260,7 +323,13 @@ def patch(model: nn.Module, options: Union[None, Mapping[str, Any], DGEOptions] 
     grid = TokenGrid(rope)
     for i, block in enumerate(blocks):
         adapter, weight = TimmBlock(block, grid), block.norm1.weight
-        wrapped = DynamicGrainedEncoder(adapter, adapter.dim, options, model.num_prefix_tokens)
+        wrapped = DynamicGrainedEncoder(adapter, adapter.dim, options, getattr(model, "num_prefix_tokens", 0))
+        window = getattr(block, "window_size", 0)
+        if window % wrapped.region_size:
+            raise ValueError(
+                f"dge.patch: region size {wrapped.region_size} does not divide block {i}'s window size {window}; "
+                f"regions must tile windows (e.g. granularities (1, 2) for windows of 14)"
+            )
         blocks[i] = wrapped.to(device=weight.device, dtype=weight.dtype).train(block.training)
     embed.__class__ = _grid_recording(type(embed))
     embed.dge_grid = grid
