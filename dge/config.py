@@ -35,6 +35,19 @@ def _add_backbone_keys(cfg: CN) -> None:
     cfg.MODEL.PVT.FREEZE_AT = 0
     # Input size whose position-embedding grid the weights carry (224 official PVT, 256 vtpack).
     cfg.MODEL.PVT.PRETRAIN_IMG_SIZE = 224
+    cfg.MODEL.VIT = CN()  # the plain ViT of build_vitdet_backbone (ViTDet's design)
+    # Model size: "tiny", "small", "base", "large" or "huge" (width, depth, heads, global blocks).
+    cfg.MODEL.VIT.SIZE = "base"
+    # Blocks (0: the size's depth).
+    cfg.MODEL.VIT.DEPTH = 0
+    # Indices of the global-attention blocks ([]: the size's, evenly spaced); the others are windowed.
+    cfg.MODEL.VIT.GLOBAL_BLOCKS = []
+    # Window size of the windowed blocks, in patches (ViTDet: 14; a DGE region size must divide it).
+    cfg.MODEL.VIT.WINDOW_SIZE = 14
+    # Input size of the position embedding and the global blocks' relative-position tables.
+    cfg.MODEL.VIT.PRETRAIN_IMG_SIZE = 1024
+    # Stochastic depth rate, linearly increasing over blocks (ViTDet-B: 0.1).
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
     # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
