@@ -48,6 +48,8 @@ def _add_backbone_keys(cfg: CN) -> None:
     cfg.MODEL.VIT.PRETRAIN_IMG_SIZE = 1024
     # Stochastic depth rate, linearly increasing over blocks (ViTDet-B: 0.1).
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
+    # Per-channel layer scales in every block (DeiT III and DINOv2 checkpoints carry them).
+    cfg.MODEL.VIT.LAYER_SCALE = False
     # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 

@@ -22,6 +22,7 @@ from detectron2.modeling import build_model
 from torch.nn import functional as F
 
 from dge.config import add_dge_config
+from dge.modeling.backbone import convert
 from dge.modeling.backbone.convert import convert_deit_state_dict
 from dge.modeling.backbone.convert import convert_pvt_state_dict
 from dge.modeling.backbone.utils import resample_pos_embed
@@ -476,3 +477,28 @@ def test_checkpoint_of_another_architecture_is_rejected_clearly(make_sd, model_n
     convert = convert_deit_state_dict if model_name.startswith("deit") else convert_pvt_state_dict
     with pytest.raises(ValueError, match=message):
         convert(make_sd(), model)
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_timm_vit_checkpoints_convert_for_the_vitdet_backbone(tmp_path, name):
+    """DeiT III and DINOv2 with registers (layer scales; patches of 14 resized to 16, its
+    16×16 grid resampled to 14×14) onto the DGE ViTDet backbone: every block tensor loads,
+    class and register tokens are dropped; only routers and relative positions stay initial."""
+    torch.manual_seed(0)
+    sd = timm.create_model(name, img_size=224).state_dict()
+    src, out = _save(sd, tmp_path, "vit.pth"), tmp_path / "vitdet_d2.pth"
+    config = "demo_vitdet_dge_synthetic.yaml"
+    opts = ["MODEL.VIT.SIZE", "small", "MODEL.VIT.DEPTH", "12", "MODEL.VIT.GLOBAL_BLOCKS", "[2, 5, 8, 11]",
+            "MODEL.VIT.LAYER_SCALE", "True"]
+    assert convert_pretrained.main([str(src), str(out), "--config-file", str(ROOT / "configs" / config), *opts]) == 0
+    model = _d2_model(config, *opts)
+    DetectionCheckpointer(model).load(str(out))
+    vit = model.backbone.vit
+    for key in ("attn.qkv.weight", "ls1.gamma", "mlp.fc2.bias"):
+        assert torch.equal(vit.blocks[7].block.get_parameter(key), sd[f"blocks.7.{key}"])
+    pos = sd["pos_embed"]
+    grid = pos if name.startswith("deit3") else resample_pos_embed(pos, (16, 16), (14, 14))
+    torch.testing.assert_close(vit.pos_embed.flatten(1, 2), grid)
+    conversion = convert.convert_vitdet_state_dict(sd, vit)
+    assert set(conversion.missing) == set(conversion.initial_routers) | set(conversion.initial)
+    assert len(conversion.initial) == 2 * 12 and not conversion.unexpected  # (h, w) tables of every block

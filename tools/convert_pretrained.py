@@ -4,13 +4,16 @@
 
 Sources: official PVT v1 classification checkpoints (whai362/PVT: pvt_tiny.pth ...
 pvt_large.pth), vtpack's PVT / PVT+DGE / DPVT / DeiT(+DGE) checkpoints and timm / official
-DeiT checkpoints (their fused ``attn.qkv`` is split into ``attn.q`` and ``attn.kv``).
+DeiT checkpoints (their fused ``attn.qkv`` is split into ``attn.q`` and ``attn.kv``); timm
+ViT checkpoints (MAE, DeiT III, DINOv2) for a ViTDet config's plain ViT.
 
     # detectron2: the bottom-up backbone of a config (its position-embedding grid, Φ, ...)
     python tools/convert_pretrained.py pvt_small.pth pvt_small_d2.pth --config-file configs/mask_rcnn_pvt_s_1x.yaml
     # detectron2 or timm, for a timm model name
     python tools/convert_pretrained.py pvt_small.pth pvt_small_d2.pth --model pvt_small_dge --format d2
     python tools/convert_pretrained.py deit_small.pth deit_small_dge.pth --model deit_small_dge --format timm
+    # detectron2: a timm ViT-B (e.g. MAE's) for the ViTDet-style Mask R-CNN
+    python tools/convert_pretrained.py mae_base.pth vitdet_b_d2.pth --config-file configs/mask_rcnn_vitdet_b_dge_1x.yaml
 
 Keys the target does not use (classifier, class token of a detection backbone, ...) are
 listed with the reason; keys the target lacks or the checkpoint lacks are listed and make
@@ -32,10 +35,11 @@ from torch import nn
 import timm
 
 import dge
-from dge.modeling.backbone import convert, d2  # (also registers the timm models)
+from dge.modeling.backbone import convert, d2, vitdet  # (also registers the timm models)
 from dge.engine import setup_dge_logger
 
 logger = logging.getLogger("dge.convert_pretrained")
+VITDET_PREFIX = "backbone.vit."  # the ViT inside build_vitdet_backbone's simple feature pyramid
 
 
 def checkpoint_img_size(state_dict, family: str) -> Optional[int]:
@@ -62,6 +66,8 @@ def build_target(args, state_dict) -> Tuple[nn.Module, str]:
         dge.add_dge_config(cfg)
         cfg.merge_from_file(args.config_file)
         cfg.merge_from_list(args.opts)
+        if cfg.MODEL.BACKBONE.NAME == "build_vitdet_backbone":
+            return vitdet.vit_from_config(cfg), "vitdet"
         return d2.build_pvt_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))), "pvt"
     name = args.model
     family = "deit" if name.startswith("deit") else "pvt"
@@ -102,14 +108,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     state_dict = convert.unwrap_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
     model, family = build_target(args, state_dict)
-    convert_fn = convert.convert_deit_state_dict if family == "deit" else convert.convert_pvt_state_dict
+    convert_fn = {"deit": convert.convert_deit_state_dict, "vitdet": convert.convert_vitdet_state_dict}.get(
+        family, convert.convert_pvt_state_dict)
     try:
         conversion = convert_fn(state_dict, model)
     except ValueError as e:
         logger.error(f"{args.source}: {e}")
         return 1
     conversion.log(logger)
-    other_missing = [k for k in conversion.missing if k not in conversion.initial_routers]
+    other_missing = [k for k in conversion.missing if k not in conversion.initial_routers + list(conversion.initial)]
     if (conversion.unexpected or other_missing) and not args.allow_mismatch:
         logger.error(
             f"not written: {len(other_missing)} missing and {len(conversion.unexpected)} unexpected keys "
@@ -120,7 +127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "d2":
         payload = {
-            "model": {args.prefix + k: v for k, v in conversion.state_dict.items()},
+            "model": {(VITDET_PREFIX if family == "vitdet" else args.prefix) + k: v
+                      for k, v in conversion.state_dict.items()},
             "__author__": f"dge tools/convert_pretrained.py ({conversion.source})",
             "matching_heuristics": False,
         }

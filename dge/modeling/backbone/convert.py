@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
 
 import torch
+from timm.layers import resample_patch_embed
 from torch import nn
 
 from dge.layers import DynamicGrainedEncoder, is_router_state, map_dge_keys
@@ -20,6 +21,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "convert_deit_state_dict",
     "convert_pvt_state_dict",
+    "convert_vitdet_state_dict",
     "finish_conversion",
     "unwrap_checkpoint",
 ]
@@ -39,6 +41,7 @@ class Conversion:
         missing: model keys the checkpoint does not provide.
         unexpected: converted keys the model does not have.
         initial_routers: router keys left at (or filled with) the model's initial values.
+        initial: other model keys left at their initial values on purpose -> why.
     """
 
     state_dict: Dict[str, torch.Tensor]
@@ -48,6 +51,7 @@ class Conversion:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     initial_routers: List[str] = field(default_factory=list)
+    initial: Dict[str, str] = field(default_factory=dict)
 
     def log(self, log: logging.Logger = logger) -> None:
         log.info(f"checkpoint layout: {self.source}; {len(self.state_dict)} tensors converted")
@@ -60,7 +64,9 @@ class Conversion:
                 f"the checkpoint has no DGE routers: {len(self.initial_routers)} router tensors "
                 f"(e.g. {self.initial_routers[0]}) are left at their initial values"
             )
-        other_missing = [k for k in self.missing if k not in self.initial_routers]
+        for key, why in self.initial.items():
+            log.info(f"left at its initial value: {key} ({why})")
+        other_missing = [k for k in self.missing if k not in self.initial_routers and k not in self.initial]
         if other_missing:
             log.warning(f"missing in the checkpoint ({len(other_missing)}): {', '.join(other_missing)}")
         if self.unexpected:
@@ -349,6 +355,77 @@ def convert_deit_state_dict(
         else:
             converted[key] = value  # cls_token, pos_embed, patch_embed.*, norm.*, head.*; others are unexpected
     return finish_conversion(converted, model, conversion, fill_routers)
+
+
+_VITDET_DROPPED = {  # checkpoint keys (prefixes) ViTDet's plain backbone has no use for
+    "cls_token": "class token; ViTDet's backbone has none",
+    "reg_token": "register tokens; ViTDet's backbone has none",
+    "mask_token": "MAE / DINOv2 mask token; not used by a detector",
+    "norm.": "final norm; the simple feature pyramid reads the last block",
+    "fc_norm.": "pooled norm of the classifier",
+    "head.": "classifier",
+}
+
+
+def convert_vitdet_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Conversion:
+    """A timm ViT checkpoint (MAE, DeiT III, DINOv2 with registers: ``blocks.N.*``,
+    ``pos_embed`` after its prefix tokens) onto ViTDet's plain ViT (timm's
+    ``VisionTransformerSAM``, ``vitdet.vit_from_config``), DGE blocks included: the blocks
+    as they are, the patch embedding resized to the model's patch size (FlexiViT's
+    resampling), the position grid without prefix tokens resampled to the model's;
+    relative-position tables (ViTDet starts them at zero) and routers stay initial."""
+    state_dict = unwrap_checkpoint(state_dict)
+    if "patch_embed.proj.weight" not in state_dict or "pos_embed" not in state_dict:
+        raise ValueError(f"a ViTDet backbone needs a timm ViT checkpoint (patch_embed.proj, pos_embed, blocks.N); "
+                         f"got keys {list(state_dict)[:4]}")
+    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    if depth != len(model.blocks):
+        raise ValueError(f"the checkpoint has {depth} blocks; the model has {len(model.blocks)}")
+    conversion = Conversion({}, "timm ViT (MAE / DeiT III / DINOv2)")
+    converted: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        why = next((w for prefix, w in _VITDET_DROPPED.items() if key.startswith(prefix)), None)
+        if why:
+            conversion.dropped[key] = why
+        elif key == "patch_embed.proj.weight":
+            converted[key] = _fit_patch_size(value, model, conversion)
+        elif key == "pos_embed":
+            converted[key] = _fit_map_grid(value, model, conversion)
+        else:
+            converted[key] = value
+    out, target = map_dge_keys(converted, model), model.state_dict()
+    _check_shapes(out, target, conversion)
+    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
+    conversion.unexpected = [k for k in out if k not in target]
+    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
+    conversion.initial = {k: "relative positions; ViTDet starts them at zero" for k in conversion.missing
+                          if k.endswith(("rel_pos_h", "rel_pos_w"))}
+    conversion.state_dict = out
+    return conversion
+
+
+def _fit_patch_size(weight: torch.Tensor, model: nn.Module, conversion: Conversion) -> torch.Tensor:
+    size = list(model.patch_embed.proj.weight.shape[-2:])
+    if list(weight.shape[-2:]) == size:
+        return weight
+    conversion.resampled["patch_embed.proj.weight"] = f"{weight.shape[-2]}×{weight.shape[-1]} -> {size[0]}×{size[1]}"
+    return resample_patch_embed(weight, size)
+
+
+def _fit_map_grid(pos_embed: torch.Tensor, model: nn.Module, conversion: Conversion) -> torch.Tensor:
+    """[1, P + s*s, C] (P prefix positions, the fewest that leave a square) -> the model's
+    [1, H, W, C] grid."""
+    n, grid = pos_embed.shape[1], tuple(model.pos_embed.shape[1:3])
+    prefix = next((p for p in range(9) if _square_grid(n - p)), None)
+    if prefix is None:
+        raise ValueError(f"pos_embed: no square position grid among {n} positions")
+    side = _square_grid(n - prefix)
+    if prefix:
+        conversion.dropped[f"pos_embed[:{prefix}]"] = "prefix-token positions; ViTDet's backbone has no prefix tokens"
+    if (side, side) != grid:
+        conversion.resampled["pos_embed"] = f"{side}×{side} -> {grid[0]}×{grid[1]}"
+    spatial = resample_pos_embed(pos_embed[:, prefix:], (side, side), grid)
+    return spatial.reshape(1, grid[0], grid[1], -1)
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

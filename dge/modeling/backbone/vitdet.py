@@ -113,8 +113,10 @@ def vit_from_config(cfg) -> nn.Module:
         )
     vit = timm.create_model(
         "samvit_base_patch16", pretrained=False, img_size=v.PRETRAIN_IMG_SIZE, window_size=v.WINDOW_SIZE,
-        drop_path_rate=v.DROP_PATH_RATE, neck_chans=0, num_classes=0, use_rel_pos=True, **size,
+        drop_path_rate=v.DROP_PATH_RATE, neck_chans=0, num_classes=0, use_rel_pos=True,
+        init_values=1.0 if v.LAYER_SCALE else None, **size,
     )
+    vit.neck = nn.Identity()  # without SAM's neck timm puts a final norm there; ViTDet has none
     return patch(vit, DGEOptions.from_config(cfg.MODEL.DGE)) if cfg.MODEL.DGE.ENABLED else vit
 
 
