@@ -493,7 +493,7 @@ def test_timm_vit_checkpoints_convert_for_the_vitdet_backbone(tmp_path, name):
     assert convert_pretrained.main([str(src), str(out), "--config-file", str(ROOT / "configs" / config), *opts]) == 0
     model = _d2_model(config, *opts)
     DetectionCheckpointer(model).load(str(out))
-    vit = model.backbone.vit
+    vit = model.backbone.bottom_up
     for key in ("attn.qkv.weight", "ls1.gamma", "mlp.fc2.bias"):
         assert torch.equal(vit.blocks[7].block.get_parameter(key), sd[f"blocks.7.{key}"])
     pos = sd["pos_embed"]

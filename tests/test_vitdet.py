@@ -17,7 +17,7 @@ DEMO = "configs/demo_vitdet_dge_synthetic.yaml"
 def test_configs_build_the_vit_and_its_pyramid():
     cfg = load_config("configs/mask_rcnn_vitdet_b_1x.yaml")
     model = build_model(cfg)
-    vit = model.backbone.vit
+    vit = model.backbone.bottom_up
     assert (vit.embed_dim, len(vit.blocks)) == (768, 12) and not dge_modules(model)
     assert [b.window_size for b in vit.blocks] == [14, 14, 0, 14, 14, 0, 14, 14, 0, 14, 14, 0]
     shapes = model.backbone.output_shape()

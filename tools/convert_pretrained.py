@@ -39,7 +39,6 @@ from dge.modeling.backbone import convert, d2, vitdet  # (also registers the tim
 from dge.engine import setup_dge_logger
 
 logger = logging.getLogger("dge.convert_pretrained")
-VITDET_PREFIX = "backbone.vit."  # the ViT inside build_vitdet_backbone's simple feature pyramid
 
 
 def checkpoint_img_size(state_dict, family: str) -> Optional[int]:
@@ -96,7 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--img-size", type=int, help="input size of the target's position-embedding grid (default: the checkpoint's)"
     )
     parser.add_argument(
-        "--prefix", default="backbone.bottom_up.", help="key prefix of d2 files (default: the FPN's bottom-up)"
+        "--prefix", default="backbone.bottom_up.",
+        help="key prefix of d2 files (default: the FPN's or simple pyramid's bottom_up)",
     )
     parser.add_argument(
         "--allow-mismatch", action="store_true", help="write the file despite missing / unexpected keys"
@@ -127,8 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "d2":
         payload = {
-            "model": {(VITDET_PREFIX if family == "vitdet" else args.prefix) + k: v
-                      for k, v in conversion.state_dict.items()},
+            "model": {args.prefix + k: v for k, v in conversion.state_dict.items()},
             "__author__": f"dge tools/convert_pretrained.py ({conversion.source})",
             "matching_heuristics": False,
         }

@@ -60,7 +60,7 @@ class SimpleFeaturePyramid(Backbone):
 
     def __init__(self, vit: nn.Module, out_channels: int = 256):
         super().__init__()
-        self.vit = vit
+        self.bottom_up = vit  # FPN's name for the network it reads, which tools look for
         dim, stride = vit.embed_dim, vit.patch_embed.patch_size[0]
         self.stages = nn.ModuleList()
         for scale in (4.0, 2.0, 1.0, 0.5):
@@ -90,7 +90,7 @@ class SimpleFeaturePyramid(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: [B, 3, H, W] (H, W multiples of 32) -> {"p2": [B, C, H/4, W/4], ..., "p6"}."""
         check_input_size(x, self.size_divisibility, type(self).__name__)
-        features = self.vit.forward_features(x)  # [B, D, H/16, W/16]
+        features = self.bottom_up.forward_features(x)  # [B, D, H/16, W/16]
         outputs = {name: stage(features) for name, stage in zip(PYRAMID_NAMES, self.stages)}
         outputs["p6"] = self.top_block(outputs["p5"])[0]
         return outputs
