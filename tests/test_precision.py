@@ -4,9 +4,11 @@ test_cuda.py."""
 import os
 
 import pytest
+import timm
 import torch
 
-import dge  # noqa: F401  (registers the timm models)
+import dge  # (also registers the timm models)
+from dge.analysis.calibration import calibrate, randomize_routers
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import budget_loss, complexity_report, dge_modules
 from dge.layers.attention import packed_attention_available
@@ -76,6 +78,38 @@ def test_half_model_beta_equals_float32(name, hw, dtype):
     routed = complexity_report(record).beta
     assert torch.isfinite(routed).all() and routed.dtype == torch.float32
     assert routed.item() == pytest.approx(reference_beta(record), rel=1e-6)
+
+
+# timm models patched by dge.patch: EVA-02 (rotary table at pooled centres) and a SAM ViT
+# (windows of 4 padded, a global block, relative positions at pooled centres).
+PATCHED = {
+    "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=4), (84, 112)),
+    "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
+                 global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATCHED))
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_patched_timm_model_keeps_beta_and_output(case, dtype):
+    """The same routing in half precision: β equal to float32's, the features close."""
+    kwargs, hw = PATCHED[case]
+    torch.manual_seed(1)
+    model = dge.patch(timm.create_model(**kwargs).eval())
+    randomize_routers(model, seed=0)
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        calibrate(model, lambda: model(x), 0.5, steps=10)
+        _, record = recorded(model.forward_features, x)
+        with forced_routing(model, maps(record)):
+            y32, record = recorded(model.forward_features, x)  # without the routers' cost, as below
+            model.to(dtype)
+            y, half = recorded(model.forward_features, x.to(dtype))
+    assert 0.3 < complexity_report(record, model).beta.item() < 0.7
+    torch.testing.assert_close(complexity_report(half, model).beta, complexity_report(record, model).beta,
+                               rtol=1e-6, atol=0.0)
+    error = (y.float() - y32).norm() / y32.norm()
+    assert error < (0.01 if dtype == torch.float16 else 0.05), error
 
 
 @pytest.mark.parametrize("name", ["pvt_tiny_dge", "dpvt_tiny_dge"])

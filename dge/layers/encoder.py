@@ -304,7 +304,7 @@ class DynamicGrainedEncoder(nn.Module):
         if attn_mask is not None or is_causal:
             raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
         if x.dim() == 4 and self.num_extra_tokens == 0:  # a map [B, H, W, C] (SAM's, ViTDet's blocks)
-            return self(x.flatten(1, 2), tuple(x.shape[1:3]), granularity_map, rope=rope).view(x.shape)
+            return self.forward(x.flatten(1, 2), tuple(x.shape[1:3]), granularity_map, rope=rope).view(x.shape)
         hw = self.resolve_hw(hw)
         e = self.num_extra_tokens
         if x.shape[1] != e + hw[0] * hw[1]:
