@@ -4,9 +4,13 @@ import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 
-from dge.analysis.gates import GRANULARITY_COLORS, colorize_gates, majority_map
+import dge
+from dge.analysis.calibration import randomize_routers
+from dge.analysis.gates import GRANULARITY_COLORS, colorize_gates, majority_map, stage_gate_maps
+from model_helpers import recorded
 from train_helpers import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -23,6 +27,17 @@ def test_overlay_colour_counts_equal_the_routing_counts():
     # A map cut by the image border: the last regions cover fewer pixels, none is lost.
     colors = colorize_gates(gmap, region_px=(16.0, 16.0), out_hw=(30, 40))
     assert (colors == np.array(GRANULARITY_COLORS[0])).all(-1).sum() == 14 * 8
+
+
+def test_a_plain_vit_gets_one_panel_per_block():
+    """A model with one stage (a patched timm ViT) is drawn block by block, a pyramid by stage."""
+    model = dge.patch(timm.create_model("vit_small_patch16_224", img_size=(80, 112), depth=3).eval())
+    randomize_routers(model, seed=0)
+    with torch.no_grad():
+        _, record = recorded(model.forward_features, torch.randn(1, 3, 80, 112))
+    panels = stage_gate_maps(model, record, (80, 112))
+    assert [p["stage"] for p in panels] == ["block 0", "block 1", "block 2"]
+    assert all(p["maps"].shape == (1, 1, 2, 2) and p["region_px"] == (64.0, 64.0) for p in panels)
 
 
 def test_majority_map_takes_the_most_chosen_granularity_per_region():

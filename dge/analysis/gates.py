@@ -20,8 +20,8 @@ GRANULARITY_COLORS: Dict[int, Tuple[int, int, int]] = {
 
 
 def stage_gate_maps(model: torch.nn.Module, record: RoutingRecord, image_hw: Tuple[int, int]) -> List[Dict]:
-    """Per stage, from the forward of the DGE blocks in ``model`` that ``record``
-    (``dge.layers.record_routing``) holds:
+    """Per stage (per block where the model has one stage, a plain ViT), from the forward of
+    the DGE blocks in ``model`` that ``record`` (``dge.layers.record_routing``) holds:
 
     ``{"stage": name, "maps": [B, L, Hr, Wr] long (φ per region, one per block),
     "region_px": (h, w) pixels of one region in the input tensor, "granularities": Φ,
@@ -30,8 +30,12 @@ def stage_gate_maps(model: torch.nn.Module, record: RoutingRecord, image_hw: Tup
     Args:
         image_hw: (H, W) of the input tensor the model ran on (after padding).
     """
+    groups = dge_stages(model)
+    if len(groups) == 1:  # a plain ViT: one panel per block (a majority over all would hide them)
+        (layers,) = groups.values()
+        groups = {f"block {i}": [entry] for i, entry in enumerate(layers)}
     out = []
-    for stage, layers in dge_stages(model).items():
+    for stage, layers in groups.items():
         routings = [record.of(m) for _, _, m in layers]
         first = layers[0][2]
         h, w = routings[0].hw
