@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import dge
 from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset
 from dge.analysis.syncs import count_host_reads
+from dge.export import ExportedModel, RoutedOutputs, export_module, max_difference
 from dge.layers import DynamicGrainedEncoder
 from dge.modeling.timm_patch import TimmBlock, TokenGrid
 from model_helpers import recorded, reference_dge
@@ -155,3 +156,30 @@ def test_patched_sam_reads_one_nonzero_per_block_and_exports_dynamic():
         _, first = recorded(model, x[:1])
         _, second = recorded(model, x[1:])
     assert not torch.equal(first.infos[0].granularity_map, second.infos[0].granularity_map)
+
+
+EXPORTED = {  # a patched model of each new attention: rotary (EVA-02) and windowed (SAM)
+    "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=3), (84, 112)),
+    "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
+                 global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
+}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("case", sorted(EXPORTED))
+def test_patched_models_export_to_onnx_and_torchscript_and_stay_dynamic(tmp_path, case, fmt):
+    """Exported at one image's routing, each file runs another image's routing as eager does
+    (onnxruntime for ONNX), β included."""
+    kwargs, hw = EXPORTED[case]
+    torch.manual_seed(0)
+    model = dge.patch(timm.create_model(**kwargs).eval())
+    randomize_routers(model, seed=0)
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        calibrate(model, lambda: model(x), 0.5, steps=10)
+        wrapped = RoutedOutputs(model)
+        export_module(wrapped, x[:1], str(tmp_path / f"model.{fmt}"), fmt)
+        exported = ExportedModel(str(tmp_path / f"model.{fmt}"))
+        outputs = [(exported(image), wrapped(image)) for image in (x[:1], x[1:])]
+    assert all(max_difference(a, b) <= 1e-5 for a, b in outputs)
+    assert not torch.equal(outputs[0][1]["dge.beta"], outputs[1][1]["dge.beta"])

@@ -196,7 +196,10 @@ class TimmBlock(nn.Module):
         q, k, v = (t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
         q, k = attn.q_norm(q), attn.k_norm(k)
         bias = rel_pos_bias(q, centers, (attn.rel_pos_h, attn.rel_pos_w), key_hw) if attn.use_rel_pos else None
-        x = sdpa(q, k, v, attn.attn_drop.p if self.training else 0.0, bias).transpose(1, 2).flatten(2)
+        x = sdpa(q, k, v, attn.attn_drop.p if self.training else 0.0, bias)
+        # a copy in the contiguous layout: ONNX's decomposition of biased SDPA strides its output
+        # otherwise than export recorded, and a reshape recorded as a view then fails
+        x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(x.shape[0], x.shape[2], heads * d)
         if window > 0:
             x = place.gather(x)
         elif rows is not None:
