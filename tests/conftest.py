@@ -14,13 +14,19 @@ SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))
 
 
 @pytest.fixture(scope="session")
-def data_root(tmp_path_factory):
-    """Registers the dge_synthetic_* datasets at a small size under a session temp folder."""
+def small_data_folder(tmp_path_factory):
+    """Where the session's small dge_synthetic_* datasets live (generated on first use)."""
+    return str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
+
+
+@pytest.fixture(scope="session")
+def data_root(small_data_folder):
+    """Registers the dge_synthetic_* datasets at a small size under a session temp folder. A
+    test that registers others puts these back when it ends (test_synthetic_data)."""
     from dge.data import register_synthetic_datasets
 
-    root = str(tmp_path_factory.mktemp("datasets") / "dge_synthetic")
-    register_synthetic_datasets(root=root, **SMALL_DATA)
-    yield root
+    register_synthetic_datasets(root=small_data_folder, **SMALL_DATA)
+    yield small_data_folder
     register_synthetic_datasets()  # back to the default root
 
 

@@ -17,6 +17,7 @@ from dge.data import (
     register_synthetic_datasets,
 )
 from dge.data.shapes import _mask_to_polygons
+from conftest import SMALL_DATA
 
 # Small enough for each test to take a second or two on a CPU.
 SMALL = {"num_train": 6, "num_val": 6, "image_size": (64, 96)}
@@ -33,13 +34,15 @@ def _pixels(root: str, split: str) -> list:
 
 
 @pytest.fixture
-def synthetic_root(tmp_path, monkeypatch):
-    """Point DETECTRON2_DATASETS at tmp_path and register the datasets there, until the end."""
+def synthetic_root(tmp_path, monkeypatch, small_data_folder):
+    """Point DETECTRON2_DATASETS at tmp_path and register the datasets there, until the end;
+    then the session's small ones again (not the full-size default: later tests that use
+    ``data_root`` would train and evaluate on it, and generate it on a fresh clone)."""
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     register_synthetic_datasets(**SMALL)
     yield os.path.join(str(tmp_path), "dge_synthetic")
     monkeypatch.undo()
-    register_synthetic_datasets()
+    register_synthetic_datasets(root=small_data_folder, **SMALL_DATA)
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
