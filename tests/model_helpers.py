@@ -5,7 +5,7 @@ import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-import dge  # noqa: F401  (registers the timm models)
+import dge  # (also registers the timm models)
 from dge.analysis.calibration import calibrate, randomize_routers
 from dge.layers import record_routing
 
@@ -18,6 +18,27 @@ def routed_model(name: str, x: torch.Tensor, target: float = 0.5):
     with torch.no_grad():
         calibrate(model, lambda: model(x), target, steps=10)
     return model
+
+
+# timm models patched by dge.patch, one per attention dge adds: EVA-02 (rotary table at
+# pooled centres) and a SAM ViT (windows of 4 padded, a global block, relative positions).
+PATCHED_MODELS = {
+    "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=3), (84, 112)),
+    "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
+                 global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
+}
+
+
+def routed_patched_model(case: str, batch: int, seed: int = 0):
+    """(PATCHED_MODELS[case] patched, routers calibrated to β ≈ 0.5 on x; x [batch, 3, H, W])."""
+    kwargs, hw = PATCHED_MODELS[case]
+    torch.manual_seed(seed)
+    model = dge.patch(timm.create_model(**kwargs).eval())
+    randomize_routers(model, seed=0)
+    x = torch.randn(batch, 3, *hw)
+    with torch.no_grad():
+        calibrate(model, lambda: model(x), 0.5, steps=10)
+    return model, x
 
 
 def recorded(module: torch.nn.Module, *args, **kwargs):

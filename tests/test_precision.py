@@ -4,15 +4,13 @@ test_cuda.py."""
 import os
 
 import pytest
-import timm
 import torch
 
-import dge  # (also registers the timm models)
-from dge.analysis.calibration import calibrate, randomize_routers
+import dge  # noqa: F401  (registers the timm models)
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import budget_loss, complexity_report, dge_modules
 from dge.layers.attention import packed_attention_available
-from model_helpers import recorded, routed_model
+from model_helpers import PATCHED_MODELS, recorded, routed_model, routed_patched_model
 
 HALF = [torch.float16, torch.bfloat16]
 MODELS = ["pvt_tiny_dge", "dpvt_tiny_dge", "deit_tiny_dge"]
@@ -80,26 +78,12 @@ def test_half_model_beta_equals_float32(name, hw, dtype):
     assert routed.item() == pytest.approx(reference_beta(record), rel=1e-6)
 
 
-# timm models patched by dge.patch: EVA-02 (rotary table at pooled centres) and a SAM ViT
-# (windows of 4 padded, a global block, relative positions at pooled centres).
-PATCHED = {
-    "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=4), (84, 112)),
-    "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
-                 global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
-}
-
-
-@pytest.mark.parametrize("case", sorted(PATCHED))
+@pytest.mark.parametrize("case", sorted(PATCHED_MODELS))
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_patched_timm_model_keeps_beta_and_output(case, dtype):
     """The same routing in half precision: β equal to float32's, the features close."""
-    kwargs, hw = PATCHED[case]
-    torch.manual_seed(1)
-    model = dge.patch(timm.create_model(**kwargs).eval())
-    randomize_routers(model, seed=0)
-    x = torch.randn(1, 3, *hw)
+    model, x = routed_patched_model(case, batch=1, seed=1)
     with torch.no_grad():
-        calibrate(model, lambda: model(x), 0.5, steps=10)
         _, record = recorded(model.forward_features, x)
         with forced_routing(model, maps(record)):
             y32, record = recorded(model.forward_features, x)  # without the routers' cost, as below

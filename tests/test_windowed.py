@@ -16,7 +16,7 @@ from dge.analysis.syncs import count_host_reads
 from dge.export import ExportedModel, RoutedOutputs, export_module, max_difference
 from dge.layers import DynamicGrainedEncoder
 from dge.modeling.timm_patch import TimmBlock, TokenGrid
-from model_helpers import recorded, reference_dge
+from model_helpers import PATCHED_MODELS, recorded, reference_dge, routed_patched_model
 
 DIM, HEADS = 32, 2
 
@@ -158,25 +158,13 @@ def test_patched_sam_reads_one_nonzero_per_block_and_exports_dynamic():
     assert not torch.equal(first.infos[0].granularity_map, second.infos[0].granularity_map)
 
 
-EXPORTED = {  # a patched model of each new attention: rotary (EVA-02) and windowed (SAM)
-    "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=3), (84, 112)),
-    "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
-                 global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
-}
-
-
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("case", sorted(EXPORTED))
+@pytest.mark.parametrize("case", sorted(PATCHED_MODELS))
 def test_patched_models_export_to_onnx_and_torchscript_and_stay_dynamic(tmp_path, case, fmt):
     """Exported at one image's routing, each file runs another image's routing as eager does
     (onnxruntime for ONNX), β included."""
-    kwargs, hw = EXPORTED[case]
-    torch.manual_seed(0)
-    model = dge.patch(timm.create_model(**kwargs).eval())
-    randomize_routers(model, seed=0)
-    x = torch.randn(2, 3, *hw)
+    model, x = routed_patched_model(case, batch=2)
     with torch.no_grad():
-        calibrate(model, lambda: model(x), 0.5, steps=10)
         wrapped = RoutedOutputs(model)
         export_module(wrapped, x[:1], str(tmp_path / f"model.{fmt}"), fmt)
         exported = ExportedModel(str(tmp_path / f"model.{fmt}"))
