@@ -15,8 +15,8 @@ from detectron2.modeling import build_model
 
 from dge.data import DEFAULT_PHOTOS, iter_images
 from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module
-from dge.layers import BudgetLoss, DynamicGrainedEncoder, complexity_report, dge_modules, record_routing
-from dge.layers.keys import map_block_keys
+from dge.layers import BudgetLoss, complexity_report, dge_modules, record_routing
+from dge.layers.keys import vanilla_state_dict
 
 from .calibration import randomize_routers
 
@@ -154,11 +154,7 @@ def build_models(cfg, variants=("vanilla", "dge")):
         vanilla_cfg = cfg.clone()
         vanilla_cfg.MODEL.DGE.ENABLED = False
         models["vanilla"] = build_model(vanilla_cfg).eval()
-        state = dge_model.state_dict()
-        for name, m in dge_model.named_modules():  # the twin's names (timm blocks have no key mapping of their own)
-            if isinstance(m, DynamicGrainedEncoder):
-                map_block_keys(state, name + ".", wrapped=False)
-        loaded = models["vanilla"].load_state_dict(state, strict=False)  # all but the routers
+        loaded = models["vanilla"].load_state_dict(vanilla_state_dict(dge_model), strict=False)  # all but the routers
         assert not loaded.missing_keys, loaded.missing_keys
     return models, trained
 

@@ -5,13 +5,13 @@ A Dynamic Grained Encoder stores the block it wraps under ``block.`` and its rou
 call ``map_block_keys`` when they load, so either checkpoint loads into either model (a DGE
 file's routers are then unused, and reported so by ``load_state_dict``), and checkpoint
 conversion (``dge.modeling.backbone.convert``) applies it to a whole model with
-``map_dge_keys``."""
+``map_dge_keys``; ``vanilla_state_dict`` names a DGE model's tensors for its vanilla twin."""
 from typing import Dict, MutableMapping
 
 import torch
 from torch import nn
 
-__all__ = ["DGE_OWN_KEYS", "ROUTER_STATE", "is_router_state", "map_block_keys", "map_dge_keys"]
+__all__ = ["DGE_OWN_KEYS", "ROUTER_STATE", "is_router_state", "map_block_keys", "map_dge_keys", "vanilla_state_dict"]
 
 # What a DGE wrapper stores beside its block: the router, and vtpack's split sizes (conversion only).
 DGE_OWN_KEYS = ("router.", "splits")
@@ -52,3 +52,14 @@ def map_dge_keys(state_dict: MutableMapping[str, torch.Tensor], model: nn.Module
         elif kind == "vanilla" and name.rpartition(".")[0] not in wrappers:
             map_block_keys(out, name + ".", wrapped=False)
     return out
+
+
+def vanilla_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict named as its vanilla twin names it: ``block.`` removed under
+    every DGE wrapper (router keys stay, to be reported as unused), also where the vanilla
+    block has no key mapping of its own (timm's blocks)."""
+    state = model.state_dict()
+    for name, m in model.named_modules():
+        if getattr(m, "block_keys", None) == "wrapped":
+            map_block_keys(state, name + ".", wrapped=False)
+    return state

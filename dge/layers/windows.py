@@ -27,9 +27,9 @@ class WindowRows:
     buffer row of each query; ``centers`` [B·nW, W², 2] float32, each slot's query centre
     in its window's token units (slots without a query: 0)."""
 
-    def __init__(self, index: torch.Tensor, centers: torch.Tensor, num_windows: int, window: int):
+    def __init__(self, index: torch.Tensor, num_windows: int, window: int):
         self.index = index
-        self.centers = centers
+        self.centers: Optional[torch.Tensor] = None  # set by window_rows
         self.num_windows = num_windows  # B·nW
         self.window = window
 
@@ -54,7 +54,7 @@ def window_rows(centers: torch.Tensor, images: torch.Tensor, batch: int, hw: Tup
     windex = (images * wy + win[:, 0]) * wx + win[:, 1]
     index = windex * (window * window) + slot[:, 0] * window + slot[:, 1]
     local = (centers - win.to(centers.dtype) * window).float()
-    rows = WindowRows(index, centers.new_zeros(0), batch * wy * wx, window)
+    rows = WindowRows(index, batch * wy * wx, window)
     rows.centers = rows.scatter(local)
     return rows
 

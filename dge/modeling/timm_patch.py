@@ -62,12 +62,13 @@ class TokenGrid:
         """Pooled queries take the rotary angle between tokens, read off the table: exact
         while a channel turns by less than π per token (EVA rescales the grid to its
         pre-training size ``ref_feat_shape``, which turns faster on small grids)."""
-        scale = 1.0 if self.rope_ref is None else max(r / s for r, s in zip(self.rope_ref, hw))
+        ref = self.rope_ref or hw  # without a pre-training grid the step is the band itself
+        scale = max(r / s for r, s in zip(ref, hw))
         if self.rope_band * scale >= math.pi:
-            least = math.ceil(self.rope_band * max(self.rope_ref) / math.pi + 1e-9)
+            least = math.ceil(self.rope_band * max(ref) / math.pi + 1e-9)
             raise ValueError(
                 f"a {hw[0]}x{hw[1]} patch grid turns the rotary embedding by {self.rope_band * scale:.2f} rad a "
-                f"token (≥ π) at its pre-training grid {tuple(self.rope_ref)}: DGE's pooled queries need at least "
+                f"token (≥ π) at its pre-training grid {tuple(ref)}: DGE's pooled queries need at least "
                 f"{least} patches a side"
             )
 
@@ -166,9 +167,7 @@ class TimmBlock(nn.Module):
         queries, k and v from the context; ``rope``: (the context's rotary table, the
         queries' table at their centres) or None."""
         attn = self.attn
-        heads, d = attn.num_heads, attn.head_dim
-        q, k, v = (t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in _project(attn, queries, context))
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = _heads(attn, *_project(attn, queries, context))
         if rope is not None:
             half, e = attn.rotate_half, attn.num_prefix_tokens  # as EvaAttention: prefix keys unrotated
             k = torch.cat([k[:, :, :e], apply_rot_embed_cat(k[:, :, e:], rope[0], half=half)], dim=2).type_as(v)
@@ -193,8 +192,7 @@ class TimmBlock(nn.Module):
             q, centers = place.scatter(q.reshape(-1, q.shape[-1])), place.centers
         elif rows is not None:
             q, centers = rows.pad(q[0]), rows.pad(centers[0])
-        q, k, v = (t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = _heads(attn, q, k, v)
         bias = rel_pos_bias(q, centers, (attn.rel_pos_h, attn.rel_pos_w), key_hw) if attn.use_rel_pos else None
         x = sdpa(q, k, v, attn.attn_drop.p if self.training else 0.0, bias)
         # a copy in the contiguous layout: ONNX's decomposition of biased SDPA strides its output
@@ -219,7 +217,6 @@ class TimmBlock(nn.Module):
         per_query += _norm_cost(self.attn.norm, a) + _linear_cost(self.attn.proj)
         return fixed, per_query + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
 
-
     def _windowed_complexity(self, hw: Tuple[int, int]) -> Tuple[float, float]:
         """SAM's block: the vanilla one attends from and to the zero-padded map in windows
         (whose attention, one dense call per window here too, is fixed) or globally (per
@@ -239,6 +236,12 @@ class TimmBlock(nn.Module):
 def _row_images(batch: int, rows: int, device) -> torch.Tensor:
     """[B·M] long: the image of each row of a [B, M] batch."""
     return torch.arange(batch, device=device).repeat_interleave(rows)
+
+
+def _heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """[N, M, heads * d] projections -> [N, heads, M, d] each, timm's q / k norms applied."""
+    q, k, v = (t.view(t.shape[0], t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    return attn.q_norm(q), attn.k_norm(k), v
 
 
 def _project(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):

@@ -114,15 +114,21 @@ def finish_conversion(
     _order_router_rows(out, splits, wrappers, conversion)
     _fit_position_grids(out, model, target, conversion)
     _check_shapes(out, target, conversion)
-    # No other code has budget tables: the model's (empty) ones are neither missing nor written.
-    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
-    conversion.unexpected = [k for k in out if k not in target]
-    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
+    _list_keys(out, target, conversion)
     if fill_routers:  # timm loads strictly: every router tensor, budget tables too
         for k in conversion.initial_routers + [k for k in target if is_router_state(k) and k not in out]:
             out[k] = target[k]
     conversion.state_dict = out
     return conversion
+
+
+def _list_keys(out, target, conversion) -> None:
+    """The model keys the converted tensors miss (routers among them), and the converted keys
+    the model lacks. No other code has budget tables: the model's (empty) ones are neither
+    missing nor written."""
+    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
+    conversion.unexpected = [k for k in out if k not in target]
+    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
 
 
 def _wrapped_keys(converted, model, wrappers, target, conversion):
@@ -395,9 +401,7 @@ def convert_vitdet_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.
             converted[key] = value
     out, target = map_dge_keys(converted, model), model.state_dict()
     _check_shapes(out, target, conversion)
-    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
-    conversion.unexpected = [k for k in out if k not in target]
-    conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
+    _list_keys(out, target, conversion)
     conversion.initial = {k: "relative positions; ViTDet starts them at zero" for k in conversion.missing
                           if k.endswith(("rel_pos_h", "rel_pos_w"))}
     conversion.state_dict = out
