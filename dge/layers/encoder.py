@@ -20,7 +20,7 @@ from .grained import (
 )
 from .keys import map_block_keys
 from .router import GrainedRouter
-from .routing import RoutingInfo, add_routing
+from .routing import RoutingInfo, add_routing, routing_recorded
 
 __all__ = [
     "DGEOptions",
@@ -69,13 +69,18 @@ class _Decision:
 
     Attributes:
         index: [B, Hr, Wr] long, the chosen entry of Φ per region.
-        granularity_map: [B, Hr, Wr] long, its φ.
+        phi: [K] long, Φ.
         probs: [B, Hr, Wr, K] float32 router scores, or None (a given map, or no router).
     """
 
     index: torch.Tensor
-    granularity_map: torch.Tensor
+    phi: torch.Tensor
     probs: Optional[torch.Tensor] = None
+
+    @property
+    def granularity_map(self) -> torch.Tensor:
+        """[B, Hr, Wr] long, φ of each region (read only when the routing is recorded)."""
+        return self.phi[self.index]
 
     @property
     def choice(self) -> torch.Tensor:
@@ -212,6 +217,7 @@ class DynamicGrainedEncoder(nn.Module):
         self.options = options = DGEOptions.coerce(options) or DGEOptions()
         self.num_extra_tokens = num_extra_tokens
         self.specialized = False
+        self._block_costs = {}  # (H, W) -> block.complexity: see block_cost
         self.block = block
         k = len(self.granularities)
         fine = self.granularities.index(min(g for g in self.granularities if g > 0))
@@ -277,12 +283,11 @@ class DynamicGrainedEncoder(nn.Module):
         b = x.shape[0]
         if granularity_map is not None:
             gmap = self._check_map(granularity_map, b, layout)
-            return _Decision(torch.searchsorted(self._phi, gmap), gmap)  # Φ is ascending
+            return _Decision(torch.searchsorted(self._phi, gmap), self._phi)  # Φ is ascending
         if self.router is None:
-            index = self._phi.new_zeros((b,) + layout.region_grid)
-            return _Decision(index, self._phi[index])
+            return _Decision(self._phi.new_zeros((b,) + layout.region_grid), self._phi)
         index, probs = self._route(x[:, self.num_extra_tokens :], pooled, layout)
-        return _Decision(index, self._phi[index], probs)
+        return _Decision(index, self._phi, probs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -318,7 +323,8 @@ class DynamicGrainedEncoder(nn.Module):
             num_queries = decision.patches(layout).sum(dim=1).long()
         else:
             out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw, run)
-        add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
+        if routing_recorded():
+            add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
         return out
 
     def resolve_hw(self, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -344,8 +350,19 @@ class DynamicGrainedEncoder(nn.Module):
             hw=tuple(hw),
             num_extra=self.num_extra_tokens,
             router_flops=self.router.flops(layout.num_regions) if use_router else 0.0,
-            block_cost=self.block.complexity(hw, self.num_extra_tokens),
+            block_cost=self.block_cost(tuple(hw)),
         )
+
+    def block_cost(self, hw: Tuple[int, int]) -> Tuple[float, float]:
+        """The vanilla block's (fixed, per-query) multiply-adds on an ``hw`` map: its
+        ``complexity``, which depends on the map size only, kept per size (a block walks its
+        modules for it)."""
+        cost = self._block_costs.get(hw)
+        if cost is None:
+            cost = self.block.complexity(hw, self.num_extra_tokens)
+            if not is_capturing():
+                self._block_costs[hw] = cost
+        return cost
 
     def _soft_count(self, decision: _Decision, layout: StaticLayout) -> torch.Tensor:
         """[B] the differentiable query count: Σ over regions of p ψ of the chosen choice

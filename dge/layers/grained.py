@@ -398,7 +398,7 @@ def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
     slots = layout.slots
     s = slots.num_slots
     # A slot is a query when its region chose its granularity (extra tokens: region R).
-    with_extra = torch.cat([choice, choice.new_full((b, 1), EXTRA_TOKEN_CHOICE)], dim=1)
+    with_extra = F.pad(choice, (0, 1), value=EXTRA_TOKEN_CHOICE)  # [B, R + 1]
     chosen = with_extra.index_select(1, slots.region) == slots.choice  # [B, S]
     selected = chosen.view(-1).nonzero().squeeze(1)  # [T]: the data-dependent size
     # Bounds of T for graph captures (torch.export): every image keeps its extra tokens and,
@@ -415,10 +415,10 @@ def pack_queries(layout: StaticLayout, choice: torch.Tensor) -> QueryPacking:
     counts = chosen.sum(dim=1)
     # Each token reads the row of its patch under its region's choice.
     token_choice = choice.index_select(1, layout.token_region)  # [B, H*W]
-    slot = slots.token_slot.index_select(0, (token_choice * n + torch.arange(n, device=choice.device)).view(-1))
+    slot = slots.token_slot.view(-1, n).gather(0, token_choice)  # [B, H*W]
     if b > 1:
-        slot = (slot.view(b, n) + torch.arange(0, b * s, s, device=choice.device)[:, None]).view(-1)
-    token_rows = row_of_slot.index_select(0, slot)
+        slot = slot + torch.arange(0, b * s, s, device=choice.device)[:, None]
+    token_rows = row_of_slot.index_select(0, slot.view(-1))
     if layout.skip_choice is not None:  # φ = 0 tokens read the zero row T
         token_rows = torch.where(token_choice.view(-1) == layout.skip_choice, counts.sum(), token_rows)
     return QueryPacking(

@@ -17,7 +17,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch import nn
 
-__all__ = ["RoutingInfo", "RoutingRecord", "record_routing", "add_routing"]
+__all__ = ["RoutingInfo", "RoutingRecord", "record_routing", "add_routing", "routing_recorded"]
 
 
 @dataclass
@@ -92,6 +92,12 @@ def record_routing() -> Iterator[RoutingRecord]:
         yield record
     finally:
         _OPEN.reset(token)
+
+
+def routing_recorded() -> bool:
+    """Whether a ``record_routing()`` is open here: a DGE block accounts its routing only
+    then (nothing else can read it)."""
+    return bool(_OPEN.get())
 
 
 def add_routing(block: nn.Module, info: RoutingInfo) -> None:
