@@ -2,9 +2,17 @@
 import json
 import os
 
+import copy
+
 import pytest
+import timm
+import torch
+from model_helpers import recorded, routed_patched_model
 
 import benchmark
+import dge
+from dge.analysis.benchmark import routing_free
+from dge.layers import DynamicGrainedEncoder, force_granularity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "demo_pvt_dge_synthetic.yaml")
@@ -54,10 +62,36 @@ def test_repeats_in_fresh_processes_and_summarises_each_ratio(tmp_path):
 
 def test_a_timm_model_against_itself_patched(one_thread):
     results = benchmark.main(
-        ["--timm-model", "vit_small_patch16_224", "--sizes", "64x96", "--runs", "1", "--warmup", "0"]
+        ["--timm-model", "vit_small_patch16_224", "--sizes", "64x96", "--batch", "1", "2", "--runs", "1", "--warmup", "0"]
     )
-    (case,) = results["cases"]
-    assert case["size"] == [64, 96] and 0.3 <= case["beta"] <= 0.7
-    assert case["dge"]["median_ms"] > 0 and case["ratio"] == pytest.approx(
-        case["dge"]["median_ms"] / case["vanilla"]["median_ms"], rel=1e-3
-    )
+    assert [(c["size"], c["batch"]) for c in results["cases"]] == [([64, 96], 1), ([64, 96], 2)]
+    for case in results["cases"]:
+        assert 0.3 <= case["beta"] <= 0.7
+        assert case["dge"]["median_ms"] > 0 and case["ratio"] == pytest.approx(
+            case["dge"]["median_ms"] / case["vanilla"]["median_ms"], rel=1e-3
+        )
+        assert case["routing_free"]["median_ms"] > 0 and 0 < case["routing_free_ratio"]
+
+
+def test_routing_free_runs_the_recorded_query_counts_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    vanilla = timm.create_model("vit_tiny_patch16_224", img_size=(64, 128), num_classes=0, depth=3).eval()
+    patched = dge.patch(copy.deepcopy(vanilla))
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        with force_granularity(patched, 1):  # every token a query: the vanilla blocks
+            _, record = recorded(patched.forward_features, x)
+        floor = routing_free(patched, record)
+        assert torch.allclose(floor.forward_features(x), vanilla.forward_features(x), atol=1e-5)
+        with force_granularity(patched, 4):  # 4×8 tokens, two 4×4 patches: 2 queries, the class token
+            _, record = recorded(patched.forward_features, x)
+        floor = routing_free(patched, record)
+        assert [b.m for b in floor.blocks] == [3, 3, 3]
+        hidden = torch.randn(2, 1 + 32, 192)
+        out = floor.blocks[0](hidden)  # the 3 leading tokens updated, the others passed through
+        assert torch.equal(out[:, 3:], hidden[:, 3:]) and not torch.allclose(out[:, :3], hidden[:, :3])
+    assert all(isinstance(b, DynamicGrainedEncoder) for b in patched.blocks)  # the patched model is unchanged
+    sam, x = routed_patched_model("sam", 1)
+    with torch.no_grad():
+        _, record = recorded(sam.forward_features, x)
+    assert routing_free(sam, record) is None  # windows: no leading-token floor

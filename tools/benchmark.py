@@ -36,7 +36,11 @@ from dge.analysis.latency import PRECISIONS, RUNTIMES
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/mask_rcnn_pvt_s_dge_1x.yaml")
-    parser.add_argument("--timm-model", help="a timm ViT, against itself patched by dge.patch (forward_features)")
+    parser.add_argument(
+        "--timm-model",
+        help="a timm ViT, against itself patched by dge.patch (forward_features, at each --batch); a plain ViT "
+        "also runs routing-free: its DGE blocks on the same query counts without routing",
+    )
     parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
@@ -84,7 +88,7 @@ def main(argv=None):
     )
     say = lambda line: print(line, flush=True)  # noqa: E731
     if args.timm_model:
-        results = timm_benchmark(args.timm_model, spec.sizes, args.target_beta, args.runs, args.warmup, say)
+        results = timm_benchmark(args.timm_model, spec.sizes, spec.batch, args.target_beta, args.runs, args.warmup, say)
     elif args.processes > 1:
         results = run_in_processes(spec, args.processes, say)
     else:
