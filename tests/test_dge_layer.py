@@ -380,6 +380,24 @@ def test_beta_equals_the_hand_count_for_a_known_map():
     assert complexity_report(record).beta.item() == 1.0
 
 
+def test_routing_is_accounted_only_inside_a_record_and_costed_once_per_size(monkeypatch):
+    block = make_block("pvt", seed=11)
+    dge = DynamicGrainedEncoder(block, C).eval()
+    cost = block.complexity
+    sizes = []
+    monkeypatch.setattr(block, "complexity", lambda hw, num_extra=0: sizes.append(hw) or cost(hw, num_extra))
+    x, hw = torch.randn(1, 64, C), (8, 8)
+    with torch.no_grad():
+        plain = dge(x, hw)  # nobody can read the routing: it is not accounted
+        assert sizes == []
+        recorded_out, record = recorded(dge, x, hw)
+        recorded(dge, x, hw)
+        recorded(dge, torch.randn(1, 48, C), (6, 8))
+    assert torch.equal(plain, recorded_out)
+    assert sizes == [(8, 8), (6, 8)]  # once per map size
+    assert record.of(dge).block_cost == cost((8, 8), 0)
+
+
 def test_beta_sums_over_layers_and_counts_the_router():
     model = torch.nn.ModuleList(
         [DynamicGrainedEncoder(make_block("pvt", seed=s), C) for s in (11, 12)]
