@@ -5,9 +5,8 @@ model contract (forward_intermediates, backward, FX) and torch.export hold when 
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import Block
-
 from timm.layers.pos_embed_sincos import build_rotary_pos_embed
+from timm.models.vision_transformer import Block
 
 import dge
 from dge.analysis.calibration import calibrate, randomize_routers, set_logit_offset

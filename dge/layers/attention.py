@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .grained import QueryRows
+from .grained import QueryRows, row_images
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
@@ -352,7 +352,7 @@ class DeformableAttention(MultiHeadBase):
         weights = self.attn_drop(self.attn_weight(flat).view(-1, heads, points).softmax(dim=-1))
         center_xy = query_centers.reshape(-1, 2).to(position).flip(-1)[:, None, None, :]
         loc = scale_grad(center_xy + offsets, self.offset_grad_scale)
-        images = None if b == 1 else (rows.image_index if rows is not None else self._images(b, shape[1], flat))
+        images = None if b == 1 else (rows.image_index if rows is not None else row_images(b, shape[1], flat.device))
         grid = self._grid(loc, images, hw, b)
         out_dtype = None
         if value.dtype != position:  # half precision: sample in float32 (weights too), return in value's dtype
@@ -377,11 +377,6 @@ class DeformableAttention(MultiHeadBase):
         return value.reshape(self.num_heads, h, b * (w + self.GAP), self.head_dim).permute(0, 3, 1, 2)
 
     GAP = 2  # zero columns after each image's map: sampling beyond its border reads zeros
-
-    @staticmethod
-    def _images(b: int, m: int, like: torch.Tensor) -> torch.Tensor:
-        """[B·M] long: the image of each query row of a [B, M] batch."""
-        return torch.arange(b, device=like.device).repeat_interleave(m)
 
     def _grid(self, loc: torch.Tensor, images: Optional[torch.Tensor], hw: Tuple[int, int], b: int) -> torch.Tensor:
         """Sampling locations loc [rows, heads, P, 2] (x, y) in tokens of each row's image ->

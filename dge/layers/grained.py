@@ -36,6 +36,7 @@ __all__ = [
     "token_centers",
     "PatchPooler",
     "QueryRows",
+    "row_images",
     "QueryPacking",
     "pack_queries",
     "query_sources",
@@ -255,6 +256,11 @@ MIN_SEGMENT_ROWS = 256
 def _owners(counts: torch.Tensor, total: int) -> torch.Tensor:
     """[total] long: i repeated counts[i] times (the owner of each of ``total`` items)."""
     return torch.arange(counts.shape[0], device=counts.device).repeat_interleave(counts, output_size=total)
+
+
+def row_images(batch: int, rows: int, device) -> torch.Tensor:
+    """[B·M] long: the image of each row of a [B, M] batch flattened."""
+    return torch.arange(batch, device=device).repeat_interleave(rows)
 
 
 def _starts(counts: torch.Tensor) -> torch.Tensor:

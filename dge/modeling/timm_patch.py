@@ -40,7 +40,7 @@ from torch.nn import functional as F
 from dge.layers import DGEOptions, DynamicGrainedEncoder
 from dge.layers.attention import attend, sdpa
 from dge.layers.block import drop_path_rows
-from dge.layers.grained import QueryRows
+from dge.layers.grained import QueryRows, row_images
 from dge.layers.windows import rel_pos_bias, window_rows
 
 __all__ = ["patch", "unpatch", "is_patched", "TimmBlock", "TokenGrid"]
@@ -57,6 +57,13 @@ class TokenGrid:
         self.hw: Optional[Tuple[int, int]] = None
         self.rope_band = 0.0 if rope is None else float(rope.bands.abs().max())
         self.rope_ref = None if rope is None else rope.ref_feat_shape
+
+    def record(self, hw: Tuple[int, int]) -> None:
+        """The grid of this forward (the patch embedding's call), checked against the rotary
+        table once here rather than in every block."""
+        if self.rope_band:
+            self.check_rope_step(hw)
+        self.hw = hw
 
     def check_rope_step(self, hw: Tuple[int, int]) -> None:
         """Pooled queries take the rotary angle between tokens, read off the table: exact
@@ -78,7 +85,7 @@ def _grid_recording(cls: type) -> type:
     """A subclass of the patch embedding ``cls`` whose forward also records the grid."""
 
     def forward(self, x, *args, **kwargs):
-        self.dge_grid.hw = tuple(self.dynamic_feat_size((x.shape[-2], x.shape[-1])))
+        self.dge_grid.record(tuple(self.dynamic_feat_size((x.shape[-2], x.shape[-1]))))
         return cls.forward(self, x, *args, **kwargs)
 
     recording = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__, "dge_base": cls})
@@ -143,8 +150,7 @@ class TimmBlock(nn.Module):
     ) -> torch.Tensor:
         q = self.norm1(queries)
         ctx = q if context is queries else self.norm1(context)
-        if rope is not None:
-            self._grid.check_rope_step(hw)
+        if rope is not None:  # (the grid checked its step against the table when recorded)
             rope = (rope, rope_at_centers(rope, hw, query_centers))
         if isinstance(self.attn, sam.Attention):
             attn = self._windowed_attention(q, ctx, hw, query_centers, rows)
@@ -187,7 +193,7 @@ class TimmBlock(nn.Module):
         q, k, v = _project(attn, queries, context)
         key_hw = (window, window) if window > 0 else hw
         if window > 0:
-            images = rows.image_index if rows is not None else _row_images(b, queries.shape[1], q.device)
+            images = rows.image_index if rows is not None else row_images(b, queries.shape[1], q.device)
             place = window_rows(centers.reshape(-1, 2), images, b, hw, window)
             q, centers = place.scatter(q.reshape(-1, q.shape[-1])), place.centers
         elif rows is not None:
@@ -231,11 +237,6 @@ class TimmBlock(nn.Module):
         fixed += (padded - n) * rowwise + (padded * core if window > 0 else 0.0)
         per_query = _norm_cost(self.norm1, c) + rowwise + _norm_cost(self.norm2, c) + _linear_cost(self.mlp)
         return fixed, per_query + (core if window == 0 else 0.0)
-
-
-def _row_images(batch: int, rows: int, device) -> torch.Tensor:
-    """[B·M] long: the image of each row of a [B, M] batch."""
-    return torch.arange(batch, device=device).repeat_interleave(rows)
 
 
 def _heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
