@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error(f"{args.source}: {e}")
         return 1
     conversion.log(logger)
-    other_missing = [k for k in conversion.missing if k not in conversion.initial_routers + list(conversion.initial)]
+    other_missing = conversion.unexplained_missing
     if (conversion.unexpected or other_missing) and not args.allow_mismatch:
         logger.error(
             f"not written: {len(other_missing)} missing and {len(conversion.unexpected)} unexpected keys "

@@ -53,6 +53,11 @@ class Conversion:
     initial_routers: List[str] = field(default_factory=list)
     initial: Dict[str, str] = field(default_factory=dict)
 
+    @property
+    def unexplained_missing(self) -> List[str]:
+        """Missing keys that are neither routers nor left initial on purpose."""
+        return [k for k in self.missing if k not in self.initial_routers and k not in self.initial]
+
     def log(self, log: logging.Logger = logger) -> None:
         log.info(f"checkpoint layout: {self.source}; {len(self.state_dict)} tensors converted")
         for key, why in self.dropped.items():
@@ -66,7 +71,7 @@ class Conversion:
             )
         for key, why in self.initial.items():
             log.info(f"left at its initial value: {key} ({why})")
-        other_missing = [k for k in self.missing if k not in self.initial_routers and k not in self.initial]
+        other_missing = self.unexplained_missing
         if other_missing:
             log.warning(f"missing in the checkpoint ({len(other_missing)}): {', '.join(other_missing)}")
         if self.unexpected:
