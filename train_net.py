@@ -24,11 +24,11 @@ from detectron2.utils.events import JSONWriter
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
-from dge.compat import cpu_ddp_support, launch, restart_data_iterator
-from dge.data import CheckedDatasetMapper, check_datasets, register_coco_dataset
-from dge.data.loader import build_resumable_train_loader, build_test_loader, validated_test_records
-from dge.data.augmentation import build_sem_seg_train_augmentation
-from dge.engine import (
+from dge.detectron2.compat import cpu_ddp_support, launch, restart_data_iterator
+from dge.detectron2.data import CheckedDatasetMapper, check_datasets, register_coco_dataset
+from dge.detectron2.data.loader import build_resumable_train_loader, build_test_loader, validated_test_records
+from dge.detectron2.data.augmentation import build_sem_seg_train_augmentation
+from dge.detectron2.engine import (
     AtomicCheckpointer,
     RoutingStatsWriter,
     StepSeeds,

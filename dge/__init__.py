@@ -1,18 +1,21 @@
-"""dge: the Dynamic Grained Encoder (NeurIPS 2021) for detectron2 and timm.
+"""dge: the Dynamic Grained Encoder (NeurIPS 2021) for timm and detectron2.
 
-``import dge`` registers every backbone, meta-architecture, dataset and timm model. The
-names below are the public API (README, "Python API"); the subpackages hold the rest:
-``dge.layers`` (the DGE layer and its parts), ``dge.modeling`` (backbones,
-meta-architectures), ``dge.engine`` (trainer pieces), ``dge.analysis`` (FLOPs, latency, gate
-maps), ``dge.data``, ``dge.export``, ``dge.classification``.
+The core imports with torch, timm and numpy alone: ``dge.layers`` (the DGE layer and its
+parts), ``dge.adapters`` (``patch`` / ``unpatch`` on models you already have, one adapter per
+block family), ``dge.models`` (PVT / DPVT / DeiT registered with timm, checkpoint
+conversion) and ``dge.export``. ``import dge`` registers the timm models; where detectron2
+is installed it also imports ``dge.detectron2``, which registers the backbones,
+meta-architectures and datasets. The names below are the public API (README, "Python
+API"); those of ``_NEEDS`` load on first use from the parts that need more than the core
+(detectron2, fvcore, matplotlib): ``dge.config``, ``dge.detectron2``, ``dge.analysis``.
+``dge.classification`` is the ImageNet trainer. docs/architecture.md draws the layers.
 """
-from . import data as _data  # noqa: F401  (registration: the synthetic datasets)
-from . import modeling as _modeling  # noqa: F401  (registration: backbones, meta-archs, timm models)
-from .analysis import FlopCountAnalysis, analyze_image, stage_gate_maps
-from .config import add_dge_config, load_config
-from .data import iter_images, register_synthetic_datasets
-from .engine import AtomicCheckpointer, Predictor, setup_dge_logger
-from .export import ExportedModel, export_detectron2_model, export_module
+import importlib
+import importlib.util
+
+from . import models as _models  # noqa: F401  (registration: the timm models)
+from .adapters import is_patched, patch, unpatch
+from .export import ExportedModel, export_module
 from .layers import (
     BudgetLoss,
     ComplexityReport,
@@ -29,22 +32,69 @@ from .layers import (
     set_budget_offsets,
     use_budget,
 )
-from .modeling.backbone.convert import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict
-from .modeling.meta_arch import DGERCNN, BudgetLossMixin, DGESemanticSegmentor
-from .modeling.timm_patch import patch, unpatch
+from .models import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict
 
 __version__ = "0.2.0.dev0"
 
+
+def _installed(name: str) -> bool:
+    """Whether top-level package ``name`` can be found (a finder that refuses it: no)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+if _installed("detectron2"):
+    from . import detectron2  # noqa: F401  (registration: backbones, meta-archs, datasets)
+
+# name -> its module, imported on first use (they need more than the core: detectron2, fvcore,
+# matplotlib).
+_NEEDS = {
+    "add_dge_config": "dge.config",
+    "load_config": "dge.config",
+    "setup_dge_logger": "dge.detectron2.engine",
+    "Predictor": "dge.detectron2.engine",
+    "AtomicCheckpointer": "dge.detectron2.engine",
+    "BudgetLossMixin": "dge.detectron2",
+    "DGERCNN": "dge.detectron2",
+    "DGESemanticSegmentor": "dge.detectron2",
+    "export_detectron2_model": "dge.detectron2",
+    "iter_images": "dge.detectron2.data",
+    "register_synthetic_datasets": "dge.detectron2.data",
+    "FlopCountAnalysis": "dge.analysis",
+    "analyze_image": "dge.analysis",
+    "stage_gate_maps": "dge.analysis",
+}
+
+
+def __getattr__(name: str):
+    if name not in _NEEDS:
+        raise AttributeError(f"module 'dge' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(_NEEDS[name]), name)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"dge.{name} ({_NEEDS[name]}) needs {exc.name}, which is not installed; the core (dge.patch, "
+            f"dge.layers, the timm models) does not. pip install 'dge[all]' installs the rest (detectron2 "
+            f"itself comes from its sources)",
+            name=exc.name,
+        ) from exc
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NEEDS))
+
+
 __all__ = [
-    # set-up and config
-    "add_dge_config",
-    "load_config",
-    "setup_dge_logger",
     # the layer, its options and what a forward decided
     "DGEOptions",
     "DynamicGrainedEncoder",
     "patch",
     "unpatch",
+    "is_patched",
     "RoutingInfo",
     "RoutingRecord",
     "record_routing",
@@ -58,24 +108,11 @@ __all__ = [
     "BudgetLoss",
     "set_budget_offsets",
     "use_budget",
-    # detectron2
-    "BudgetLossMixin",
-    "DGERCNN",
-    "DGESemanticSegmentor",
-    "Predictor",
-    "AtomicCheckpointer",
     # weights
     "checkpoint_filter_fn",
     "convert_pvt_state_dict",
     "convert_deit_state_dict",
-    # analysis and export
-    "FlopCountAnalysis",
-    "analyze_image",
-    "stage_gate_maps",
+    # export
     "export_module",
-    "export_detectron2_model",
     "ExportedModel",
-    # data
-    "iter_images",
-    "register_synthetic_datasets",
 ]

@@ -13,7 +13,7 @@ def collect_env() -> list:
     import timm
     import torchvision
 
-    from dge.compat import detectron2_description
+    from dge.detectron2.compat import detectron2_description
 
     try:
         fvcore_version = fvcore.__version__

@@ -8,7 +8,8 @@ exported model routes every input anew. Three formats:
 * ``onnx``: ``torch.onnx.export(..., dynamo=True)`` of the exported program, run by
   onnxruntime;
 * ``torchscript``: ``torch.jit.trace``; whole detectron2 models go through detectron2's
-  ``TracingAdapter``, as its ``tools/deploy/export_model.py --export-method tracing``.
+  ``TracingAdapter``, as its ``tools/deploy/export_model.py --export-method tracing``
+  (``dge.detectron2.export``).
 
 An export is made at batch 1 for one input size (position embeddings and DGE layouts are
 computed for it): ``ExportedModel`` checks the size of what it is given. Each file has its
@@ -34,9 +35,8 @@ __all__ = [
     "ExportError",
     "ExportedModel",
     "RoutedOutputs",
+    "SCHEMA_FILE",
     "export_module",
-    "export_detectron2_model",
-    "check_detectron2_format",
     "flat_tensors",
     "binary_differences",
     "max_difference",
@@ -45,7 +45,7 @@ __all__ = [
 
 FORMATS = ("exported", "onnx", "torchscript")
 FILE_SUFFIXES = {"exported": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
-_SCHEMA_FILE = "outputs_schema.pkl"  # a torchscript file's detectron2 output schema
+SCHEMA_FILE = "outputs_schema.pkl"  # a torchscript file's output schema (rebuilds a structured output)
 
 
 class ExportError(RuntimeError):
@@ -76,7 +76,7 @@ class RoutedOutputs(nn.Module):
 
 
 @contextlib.contextmanager
-def _where_it_stops(model: nn.Module, fmt: str) -> Iterator[None]:
+def where_it_stops(model: nn.Module, fmt: str) -> Iterator[None]:
     """Turns an exception of an export into an ``ExportError`` naming the innermost module
     that was running and the last source line of dge or of the model's own code."""
     stack: List[str] = []  # names of the modules running, innermost last
@@ -107,7 +107,7 @@ def _where_it_stops(model: nn.Module, fmt: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_tracer() -> Iterator[None]:
+def quiet_tracer() -> Iterator[None]:
     """``torch.jit.trace`` warns about every Python number it keeps as a constant; here those
     are sizes fixed by the export's input size (layouts, position embeddings), not routing."""
     with warnings.catch_warnings():
@@ -115,7 +115,7 @@ def _quiet_tracer() -> Iterator[None]:
         yield
 
 
-def _write_metadata(path: str, meta: Dict[str, Any]) -> None:
+def write_metadata(path: str, meta: Dict[str, Any]) -> None:
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -135,7 +135,7 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str, fmt: str,
     module = module.eval()
     with torch.no_grad():
         names = list(module(example).keys())
-    with _where_it_stops(module, fmt):
+    with where_it_stops(module, fmt):
         if fmt == "exported":
             program = torch.export.export(module, (example,))
             torch.export.save(program, path)
@@ -144,73 +144,11 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str, fmt: str,
                 module, (example,), path, dynamo=True, input_names=["image"], output_names=names, verbose=False
             )
         else:
-            with torch.no_grad(), _quiet_tracer():
+            with torch.no_grad(), quiet_tracer():
                 traced = torch.jit.trace(module, (example,), strict=False, check_trace=False)
             torch.jit.save(traced, path)
     metadata = dict(format=fmt, kind="module", input_shape=list(example.shape), outputs=names, **meta)
-    _write_metadata(path, metadata)
-    return metadata
-
-
-def check_detectron2_format(fmt: str) -> None:
-    """Whole detectron2 models export through tracing only: under torch.export (and ONNX,
-    which goes through it) detectron2's ``ImageList`` pads to a size read from the image
-    sizes, a data-dependent value every backbone then branches on."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}; got {fmt!r}")
-    if fmt != "torchscript":
-        raise ValueError(
-            f"a whole detectron2 model is not exported as {fmt!r} (detectron2 pads its input to a size "
-            "read from the data, which torch.export cannot take): use --format torchscript, or export the "
-            "backbone (--what backbone) or a timm model as exported / onnx"
-        )
-
-
-def export_detectron2_model(model: nn.Module, image: torch.Tensor, path: str, fmt: str = "torchscript", **meta):
-    """Exports a whole detectron2 model (e.g. ``DGERCNN``) traced on ``image`` [C, H, W] (the
-    tensor its ``forward([{"image": image}])`` takes) through detectron2's
-    ``TracingAdapter``, as detectron2's deploy tool. The output schema (instances, the
-    ``"dge"`` dict) is stored with the file. Returns the metadata.
-
-    Raises:
-        ExportError: the module and op where the export stopped.
-    """
-    from detectron2.export import TracingAdapter
-    from detectron2.modeling import GeneralizedRCNN
-
-    from .modeling.meta_arch import BudgetLossMixin
-
-    check_detectron2_format(fmt)
-    if image.dim() != 3:
-        raise ValueError(f"a detectron2 model is exported from one [C, H, W] image; got {list(image.shape)}")
-    model = model.eval()
-    inference, postprocess = None, None
-    if isinstance(model, GeneralizedRCNN):
-        # As detectron2's deploy tool: the graph ends at the RoI masks; pasting them into the
-        # image (detector_postprocess) runs after it, in ExportedModel.
-        def inference(model, inputs):
-            with record_routing() as record:
-                outputs = [{"instances": i} for i in model.inference(inputs, do_postprocess=False)]
-            if not isinstance(model, BudgetLossMixin):
-                return outputs
-            return model.attach_routing_stats(outputs, routing_stats(model.backbone, record))
-
-        postprocess = "detector_postprocess"
-    adapter = TracingAdapter(model, [{"image": image}], inference_func=inference)
-    with _where_it_stops(model, fmt):
-        if fmt == "torchscript":
-            with torch.no_grad(), _quiet_tracer():
-                traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
-            torch.jit.save(traced, path, _extra_files={_SCHEMA_FILE: pickle.dumps(adapter.outputs_schema)})
-        elif fmt == "exported":
-            torch.export.save(torch.export.export(adapter, adapter.flattened_inputs), path)
-        else:
-            torch.onnx.export(adapter, adapter.flattened_inputs, path, dynamo=True, input_names=["image"])
-    if fmt != "torchscript":
-        with open(path + ".schema", "wb") as f:
-            pickle.dump(adapter.outputs_schema, f)
-    metadata = dict(format=fmt, kind="detectron2", input_shape=list(image.shape), postprocess=postprocess, **meta)
-    _write_metadata(path, metadata)
+    write_metadata(path, metadata)
     return metadata
 
 
@@ -227,7 +165,7 @@ def onnxruntime_session(path: str, threads: Optional[int] = None):
 
 
 class ExportedModel:
-    """A file written by ``export_module`` / ``export_detectron2_model``, ready to run.
+    """A file written by ``export_module`` / ``dge.detectron2.export_detectron2_model``, ready to run.
 
     ``model(x)`` takes what the export was made from (``[1, C, H, W]`` for a module, a
     ``[C, H, W]`` image for a detectron2 model) and returns the same structure as the eager
@@ -241,6 +179,8 @@ class ExportedModel:
             raise FileNotFoundError(f"{meta_path} is missing: export with dge.export (tools/export_model.py)")
         with open(meta_path) as f:
             self.metadata = json.load(f)
+        if self.metadata.get("postprocess"):  # its schema is detectron2's own, without the paste step
+            raise ValueError(f"{path} was exported by an older dge: export it again (tools/export_model.py)")
         self.path = path
         self.format = self.metadata["format"]
         self.input_shape = tuple(self.metadata["input_shape"])
@@ -252,13 +192,10 @@ class ExportedModel:
             input_name = session.get_inputs()[0].name
             self._run = lambda x: [torch.from_numpy(v) for v in session.run(None, {input_name: x.numpy()})]
         else:
-            extra = {_SCHEMA_FILE: ""}
+            extra = {SCHEMA_FILE: ""}
             self._run = torch.jit.load(path, _extra_files=extra)
-            if extra[_SCHEMA_FILE]:
-                self._schema = pickle.loads(extra[_SCHEMA_FILE])
-        if self.metadata["kind"] == "detectron2" and self._schema is None:
-            with open(path + ".schema", "rb") as f:
-                self._schema = pickle.load(f)
+            if extra[SCHEMA_FILE]:
+                self._schema = pickle.loads(extra[SCHEMA_FILE])
 
     def __call__(self, x: torch.Tensor):
         if tuple(x.shape) != self.input_shape:
@@ -269,24 +206,26 @@ class ExportedModel:
             )
         with torch.no_grad():
             out = self._run(x)
-        if self._schema is not None:
-            outputs = self._schema(out if isinstance(out, (tuple, list)) else (out,))
-            if self.metadata.get("postprocess") == "detector_postprocess":
-                from detectron2.modeling.postprocessing import detector_postprocess
-
-                for o in outputs:
-                    o["instances"] = detector_postprocess(o["instances"], x.shape[-2], x.shape[-1])
-            return outputs
+        if self._schema is not None:  # e.g. dge.detectron2.export.Detectron2Outputs
+            return self._schema(out if isinstance(out, (tuple, list)) else (out,), x)
         if isinstance(out, Mapping):
             return OrderedDict(out)
         return OrderedDict(zip(self.metadata["outputs"], out))
 
 
 def flat_tensors(outputs) -> List[torch.Tensor]:
-    """Every tensor of a model's outputs (dicts, lists, detectron2 ``Instances``), in order."""
-    from detectron2.export.flatten import flatten_to_tuple
-
-    return [t for t in flatten_to_tuple(outputs)[0] if isinstance(t, torch.Tensor)]
+    """Every tensor of a model's outputs, in order: dicts (by key), lists, tuples, and objects
+    with fields (detectron2's ``Instances``: ``get_fields()``) or a ``tensor`` (``Boxes``)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, Mapping):
+        return [t for k in sorted(outputs) for t in flat_tensors(outputs[k])]
+    if isinstance(outputs, (list, tuple)):
+        return [t for o in outputs for t in flat_tensors(o)]
+    if hasattr(outputs, "get_fields"):
+        return flat_tensors(outputs.get_fields())
+    tensor = getattr(outputs, "tensor", None)
+    return [tensor] if isinstance(tensor, torch.Tensor) else []
 
 
 def max_difference(a, b) -> float:

@@ -1,4 +1,6 @@
-"""Shared fixtures: the repo root on sys.path (train_net.py) and a small synthetic dataset."""
+"""Shared fixtures: the repo root (train_net.py), tools/ and tests/helpers/ on sys.path, and a small
+synthetic dataset. The tests' folders follow the package's: tests/layers/ holds the tests of
+dge/layers/, and so on (pytest imports them with --import-mode=importlib: pytest.ini)."""
 import logging
 import os
 import sys
@@ -8,9 +10,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # train_net.py
 sys.path.insert(0, os.path.join(ROOT, "tools"))  # the tools' main()s
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))  # model_helpers, train_helpers, repo
 
-# Small enough for CPU training tests: 12 train / 4 val images of 128×160.
-SMALL_DATA = dict(num_train=12, num_val=4, image_size=(128, 160))
+from repo import SMALL_DATA  # noqa: E402  (tests/helpers/, on sys.path from here on)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +25,7 @@ def small_data_folder(tmp_path_factory):
 def data_root(small_data_folder):
     """Registers the dge_synthetic_* datasets at a small size under a session temp folder. A
     test that registers others puts these back when it ends (test_synthetic_data)."""
-    from dge.data import register_synthetic_datasets
+    from dge.detectron2.data import register_synthetic_datasets
 
     register_synthetic_datasets(root=small_data_folder, **SMALL_DATA)
     yield small_data_folder

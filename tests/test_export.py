@@ -1,19 +1,15 @@
-"""Exported DGE models keep their dynamic routing: torch.export, ONNX (onnxruntime) and
-TorchScript (detectron2's tracing path) against the eager model on inputs other than the
-one they were exported with."""
-from pathlib import Path
-
+"""Exported DGE models keep their dynamic routing (``dge.export``): torch.export, ONNX (onnxruntime)
+and TorchScript against the eager model on inputs other than the one they were exported with."""
 import pytest
 import torch
 
-from dge.analysis.calibration import randomize_routers
+from dge.layers.calibration import randomize_routers
 from dge.analysis.export_checks import swap_check
 from dge.export import ExportedModel, ExportError, RoutedOutputs, export_module, max_difference
 from dge.layers import dge_modules
-from dge.modeling.backbone import PyramidVisionTransformer
-from model_helpers import recorded
+from dge.models import PyramidVisionTransformer
+from model_helpers import PATCHED_MODELS, recorded, routed_patched_model
 
-ROOT = Path(__file__).resolve().parents[1]
 HW = (64, 96)
 
 
@@ -39,8 +35,12 @@ def query_counts(record) -> list:
     return [int(info.num_queries.sum()) for info in record.infos]
 
 
-@pytest.mark.parametrize("attention, global_pool", [("sr", "avg"), ("deformable", "avg"), ("sr", "token")])
-@pytest.mark.parametrize("fmt", ["exported", "onnx", "torchscript"])
+# ONNX goes through torch.export: SR attention in ONNX once, with the class token ("token")
+CASES = [(fmt, kind, pool) for fmt in ("exported", "onnx", "torchscript")
+         for kind, pool in (("sr", "avg"), ("deformable", "avg"), ("sr", "token")) if (fmt, kind, pool) != ("onnx", "sr", "avg")]
+
+
+@pytest.mark.parametrize("fmt, attention, global_pool", CASES, ids=["-".join(c) for c in CASES])
 def test_an_exported_model_follows_each_inputs_routing(tmp_path, fmt, attention, global_pool):
     if fmt == "onnx":  # requirements.txt installs both; a platform without their wheels skips
         pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript")
@@ -115,39 +115,16 @@ def test_skipping_granularity_without_extra_tokens_is_refused_with_a_reason(tmp_
         export_module(RoutedOutputs(model), inputs(1)[0], str(tmp_path / "m.pt2"), "exported")
 
 
-def test_the_demo_mask_rcnn_through_detectron2s_tracing_path(tmp_path, one_thread):
-    """A whole DGE Mask R-CNN traced with detectron2's TracingAdapter (as its deploy tool)
-    gives the eager model's boxes, scores and masks on images it was not traced with."""
-    import export_model
-
-    tiny = [
-        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.RPN.POST_NMS_TOPK_TEST", "20", "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
-        "MODEL.ROI_MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_MASK_HEAD.NUM_CONV", "1",
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5",
-    ]
-    result = export_model.main(
-        ["--config-file", str(ROOT / "configs" / "demo_pvt_dge_synthetic.yaml"), "--format", "torchscript",
-         "--input-size", "96", "128", "--random-routers", "0.5", "--output", str(tmp_path),
-         "--check", "skimage:chelsea", "skimage:coffee", "skimage:rocket", "--", *tiny]
-    )
-    assert not result["failed"]
-    checks = result["checks"]
-    assert len(checks) == 3 and all(c["detections_eager"] == c["detections_exported"] == 5 for c in checks)
-    assert max(c["max_abs_diff"] for c in checks) < 1e-3
-    assert sum(c["mask_pixels_differing"] for c in checks) <= 1e-5 * sum(c["mask_pixels"] for c in checks)
-    assert all(c["beta_eager"] == pytest.approx(c["beta_exported"], abs=1e-6) for c in checks)
-    assert len({round(c["beta_eager"], 6) for c in checks}) == 3  # three routings
-
-
-def test_detectron2_activation_count_takes_a_dge_model():
-    """detectron2's analyze_model --tasks activation (activation_count_operators) traces the
-    model's outputs, the DGE statistics included."""
-    from detectron2.modeling import build_model
-    from detectron2.utils.analysis import activation_count_operators
-
-    from dge.config import load_config
-
-    cfg = load_config(str(ROOT / "configs" / "demo_pvt_dge_synthetic.yaml"), ["MODEL.DEVICE", "cpu"])
-    model = build_model(cfg).eval()
-    counts = activation_count_operators(model, [{"image": torch.rand(3, 64, 96) * 255}])
-    assert counts["conv"] > 0 and counts["linear"] > 0
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("case", sorted(PATCHED_MODELS))
+def test_patched_models_export_to_onnx_and_torchscript_and_stay_dynamic(tmp_path, case, fmt):
+    """Exported at one image's routing, each file runs another image's routing as eager does
+    (onnxruntime for ONNX), β included."""
+    model, x = routed_patched_model(case, batch=2)
+    with torch.no_grad():
+        wrapped = RoutedOutputs(model)
+        export_module(wrapped, x[:1], str(tmp_path / f"model.{fmt}"), fmt)
+        exported = ExportedModel(str(tmp_path / f"model.{fmt}"))
+        outputs = [(exported(image), wrapped(image)) for image in (x[:1], x[1:])]
+    assert all(max_difference(a, b) <= 1e-5 for a, b in outputs)
+    assert not torch.equal(outputs[0][1]["dge.beta"], outputs[1][1]["dge.beta"])

@@ -35,7 +35,7 @@ from detectron2.modeling import build_model
 from fvcore.nn import parameter_count_table
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
-from dge.engine import setup_dge_logger
+from dge.detectron2.engine import setup_dge_logger
 from dge.analysis import analyze_images, flops_summary, format_flops_report
 from dge.analysis.flops import activation_count, flop_inputs
 from dge.analysis.plots import plot_block_betas

@@ -39,11 +39,11 @@ from timm.data import resolve_data_config
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dge.analysis.redundancy import stats_to_dict
-from dge.analysis.redundancy_report import RANDOM_INIT, accuracy_curve, folder_batches, photo_batches, probed_model
-from dge.analysis.redundancy_report import run_pass, summary_line, write_statistics
+from dge.classification.redundancy_report import RANDOM_INIT, accuracy_curve, folder_batches, photo_batches, probed_model
+from dge.classification.redundancy_report import run_pass, summary_line, write_statistics
 from dge.classification import build_dataset, build_transforms, dge_model_names, load_checkpoint
-from dge.data import DEFAULT_PHOTOS
-from dge.engine import run_tool, setup_dge_logger
+from dge.detectron2.data import DEFAULT_PHOTOS
+from dge.detectron2.engine import run_tool, setup_dge_logger
 
 logger = logging.getLogger("dge.analyze_redundancy")
 

@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import dge  # noqa: F401  (registers models and datasets)
-from dge.engine import run_tool, setup_dge_logger
+from dge.detectron2.engine import run_tool, setup_dge_logger
 from dge.analysis.budget_curves import (
     FAMILIES,
     METRICS,
@@ -51,7 +51,7 @@ from dge.analysis.budget_curves import (
 )
 from dge.analysis.latency import timed_interleaved
 from dge.analysis.plots import plot_budget_curves
-from dge.data import check_datasets
+from dge.detectron2.data import check_datasets
 from dge.layers import check_budget
 
 logger = logging.getLogger("dge.budget_curves")

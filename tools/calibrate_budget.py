@@ -9,7 +9,7 @@ complexity ratio β, without retraining, written into a checkpoint.
         MODEL.WEIGHTS output/demo/model_budgets.pth MODEL.DGE.INFERENCE_BUDGET 0.4
 
 For each target, one offset on every router's finest-choice logit (or one per stage,
-``--per-stage``) is found by bisection (``dge.analysis.calibration.calibrate``, the one used
+``--per-stage``) is found by bisection (``dge.layers.calibration.calibrate``, the one used
 by the benchmarks) on the calibration half of the images, and β is then measured on the other
 half (held out). The offsets are stored in the routers' budget tables (buffers saved with the
 model, up to ``dge.layers.MAX_BUDGETS`` targets; earlier targets in the weights are kept), so
@@ -26,7 +26,7 @@ import sys
 
 
 import dge  # noqa: F401  (registers models and datasets)
-from dge.engine import setup_dge_logger
+from dge.detectron2.engine import setup_dge_logger
 from dge.analysis.inference_budgets import backbone_inputs, calibrate_target, load_model
 from dge.config import load_config
 from dge.files import atomic_save

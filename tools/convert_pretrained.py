@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+import timm
 from torch import nn
 
-
-import timm
-
 import dge
-from dge.modeling.backbone import convert, d2, vitdet  # (also registers the timm models)
-from dge.engine import setup_dge_logger
+from dge.detectron2 import backbone as d2, vitdet
+from dge.models import convert
+from dge.detectron2.engine import setup_dge_logger
 
 logger = logging.getLogger("dge.convert_pretrained")
 

@@ -11,7 +11,7 @@
 #   3. host syncs per DGE block (CUDA's sync debug mode and dge.analysis.syncs)
 #   4. PVT-S / DPVT-S backbones vanilla vs DGE at β ≈ 0.5, 800×1280, batch 1 and 8, fp32 and fp16
 #   5. an AMP training step, vanilla vs DGE (tools/benchmark.py --what train, with 4)
-#   6. tests/test_cuda.py
+#   6. tests/layers/test_cuda.py
 #   7. 20 AMP iterations of the demo through train_net.py --num-gpus 1, and its evaluation
 # The table grows in OUT_DIR/table.md as the steps finish; every step's log is in OUT_DIR.
 #
@@ -91,7 +91,7 @@ for model in pvt_s dpvt_s; do
             --json "$OUT_DIR/bench_${model}_${precision}.json" MODEL.DEVICE "$DEVICE"
     done
 done
-step 6-tests 60 log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+step 6-tests 60 log "$PY" -m pytest -q -rs -p no:cacheprovider tests/layers/test_cuda.py
 "$PY" tools/device_check.py tests "$OUT_DIR/6-tests.log" | tee -a "$TABLE"
 step 7-train_net 75 log "$PY" train_net.py --config-file configs/demo_pvt_dge_synthetic.yaml --num-gpus 1 \
     SOLVER.MAX_ITER "$ITERS" SOLVER.AMP.ENABLED "$AMP" SOLVER.CHECKPOINT_PERIOD 1000 MODEL.DEVICE "$DEVICE" \

@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 
 import dge  # noqa: F401  (registration)
-from dge.analysis.calibration import calibrate, randomize_routers
+from dge.layers.calibration import calibrate, randomize_routers
 from dge.analysis.export_checks import check_exports, detectron2_export_source, swap_check, timm_export_source
 from dge.config import load_config
-from dge.data import iter_images
-from dge.engine import setup_dge_logger
-from dge.export import FILE_SUFFIXES, FORMATS, ExportError, check_detectron2_format
-from dge.export import export_detectron2_model, export_module
+from dge.detectron2.data import iter_images
+from dge.detectron2.engine import setup_dge_logger
+from dge.detectron2.export import check_detectron2_format, export_detectron2_model
+from dge.export import FILE_SUFFIXES, FORMATS, ExportError, export_module
 from dge.layers import dge_modules
 
 logger = logging.getLogger("dge.export")

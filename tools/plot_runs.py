@@ -30,7 +30,7 @@ from typing import Dict
 
 from dge.analysis.plots import plot_layer_betas, plot_metric_vs_budget, plot_training_betas
 from dge.analysis.runs import merge_seeds, read_run
-from dge.engine import run_tool, setup_dge_logger
+from dge.detectron2.engine import run_tool, setup_dge_logger
 
 logger = logging.getLogger("dge.plot_runs")
 

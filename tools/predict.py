@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a checkpoint with detectron2's DefaultPredictor (input-checked: dge.engine.Predictor) on images, a folder or a dataset, and
+"""Run a checkpoint with detectron2's DefaultPredictor (input-checked: dge.detectron2.engine.Predictor) on images, a folder or a dataset, and
 write the visualised predictions (boxes, masks or segmentation) with each image's β.
 
     python tools/predict.py --config-file configs/demo_pvt_dge_synthetic.yaml \
@@ -14,11 +14,11 @@ import os
 import cv2
 import tqdm
 from detectron2.data import MetadataCatalog
-from dge.engine import setup_dge_logger, tool_predictor
+from dge.detectron2.engine import setup_dge_logger, tool_predictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import dge  # noqa: F401  (registration)
-from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
+from dge.detectron2.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
 
 logger = logging.getLogger("dge.predict")
 

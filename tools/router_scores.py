@@ -16,8 +16,8 @@ import os
 
 import dge  # noqa: F401  (registers models and datasets)
 from dge.analysis.router_scores import format_router_scores, stage_router_scores
-from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
-from dge.engine import run_tool, setup_dge_logger, tool_predictor
+from dge.detectron2.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
+from dge.detectron2.engine import run_tool, setup_dge_logger, tool_predictor
 
 logger = logging.getLogger("dge.router_scores")
 

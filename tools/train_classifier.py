@@ -10,7 +10,7 @@
 
 
 from dge.classification import parse_args, run
-from dge.engine import setup_dge_logger
+from dge.detectron2.engine import setup_dge_logger
 
 
 def main(argv=None):

@@ -16,13 +16,13 @@ import logging
 import os
 
 import tqdm
-from dge.engine import setup_dge_logger, tool_predictor
+from dge.detectron2.engine import setup_dge_logger, tool_predictor
 
 import dge  # noqa: F401
-from dge.modeling.backbone.utils import padded_size
+from dge.models.parts import padded_size
 from dge.analysis.gates import render_gate_figure, stage_gate_maps
 from dge.layers import record_routing
-from dge.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
+from dge.detectron2.data import DEFAULT_PHOTOS, add_image_arguments, iter_images
 
 logger = logging.getLogger("dge.visualize_gates")
 

@@ -15,13 +15,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.layers import Attention
 from torch import nn
 
 from ..config import load_config
 from ..layers import complexity_report, record_routing
-from ..modeling.timm_patch import patch
-from .calibration import calibrate, randomize_routers, set_logit_offset
+from ..adapters import patch
+from ..adapters.vit import ViTAdapter
+from ..layers.calibration import calibrate, randomize_routers, set_logit_offset
 from .latency import (
     build_models,
     case_functions,
@@ -303,18 +303,18 @@ class _LeadingQueries(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.dge_block.block
-        y = block.forward_queries(x[:, : self.m], x, block.token_grid())
+        y = block.forward_queries(x[:, : self.m], x, block.grid.read())
         return torch.cat([y, x[:, self.m:]], dim=1)
 
 
 def routing_free(patched: nn.Module, record) -> Optional[nn.Module]:
-    """The patched plain ViT ``patched`` (timm's ``Attention``: no rotary table, no windows)
+    """The patched plain ViT ``patched`` (``ViTAdapter`` blocks: no rotary table, no windows)
     with each DGE block running the mean query count per image that ``record`` holds for it,
     taken as the leading tokens: the blocks' work on those queries without the router,
     pooling, gathering or scattering, the floor of DGE's latency at that routing. A copy
     that shares every module (``patched`` is unchanged); None for other models."""
     blocks = list(patched.blocks)
-    if not all(isinstance(b.block.attn, Attention) for b in blocks) or len(record) != len(blocks):
+    if not all(isinstance(b.block, ViTAdapter) for b in blocks) or len(record) != len(blocks):
         return None
     counts = [round(info.num_queries.float().mean().item()) + b.num_extra_tokens for b, info in record]
     floor = copy.copy(patched)

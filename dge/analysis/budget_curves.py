@@ -12,11 +12,11 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_backbone, build_model
 
 from ..config import load_config
-from ..data.loader import build_test_loader
-from ..engine import AtomicCheckpointer, build_evaluator
+from ..detectron2.data.loader import build_test_loader
+from ..detectron2.engine import AtomicCheckpointer, build_evaluator
 from ..layers import record_routing
-from ..modeling.backbone.utils import padded_size
-from .calibration import block_flops
+from ..models.parts import padded_size
+from ..layers.calibration import block_flops
 from .latency import ForwardTimer, device_sync
 
 __all__ = [

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..export import ExportedModel, RoutedOutputs, binary_differences, max_difference
 from ..layers import dge_modules
-from ..modeling.backbone.utils import padded_size
-from .calibration import set_logit_offset
+from ..models.parts import padded_size
+from ..layers.calibration import set_logit_offset
 
 __all__ = ["beta_of", "check_exports", "detectron2_export_source", "swap_check", "timm_export_source"]
 
@@ -92,7 +92,7 @@ def timm_export_source(name: str, weights=None):
     normalised [1, 3, H, W] input, its default (H, W))."""
     import timm
 
-    from ..modeling.backbone.convert import unwrap_checkpoint
+    from ..models.convert import unwrap_checkpoint
 
     model = timm.create_model(name, pretrained=False).eval()
     if weights:

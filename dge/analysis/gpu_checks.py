@@ -23,8 +23,8 @@ import torch
 
 from dge.layers import DeformableAttention, DynamicGrainedEncoder, EncoderBlock, SpatialReductionAttention
 from dge.layers import record_routing
-from dge.layers import attention as attention_module
-from dge.layers.grained import QueryRows
+from dge.layers import kernels
+from dge.layers.rows import QueryRows
 
 from .latency import device_sync, read_status_mb
 from .syncs import count_cuda_syncs, count_host_reads
@@ -92,14 +92,14 @@ def block_training_step(device, dtype, packed: bool = True, alone: bool = False,
     layer = layer.to(device=device, dtype=dtype)
     x = x.to(device=device, dtype=dtype).requires_grad_()
     parts = [x[i : i + 1] for i in range(3)] if alone else [x]
-    available = attention_module.packed_attention_available
+    available = kernels.packed_attention_available
     if not packed:
-        attention_module.packed_attention_available = lambda *args: False
+        kernels.packed_attention_available = lambda *args: False
     try:
         with host_gumbel_noise(seed):
             runs = [_routed(layer, part) for part in parts]
     finally:
-        attention_module.packed_attention_available = available
+        kernels.packed_attention_available = available
     y = torch.cat([out for out, _ in runs])
     loss = (y.double() * weights.to(device)).sum() + sum(r.query_count.double().sum() for _, r in runs)
     loss.backward()
@@ -133,7 +133,7 @@ def varlen_rows(device: str) -> List[Row]:
     for dtype in HALF:
         name = str(dtype).replace("torch.", "")
         probe = torch.zeros(1, 8, 64, device=device, dtype=dtype)
-        if not attention_module.packed_attention_available(probe, 32, 0.0):
+        if not kernels.packed_attention_available(probe, 32, 0.0):
             rows.append(("varlen vs padded", f"varlen {name}", f"not taken on {device}: packed rows are padded", "n/a"))
             continue
         varlen = block_training_step(device, dtype, packed=True)
@@ -196,7 +196,7 @@ def plan_rows(device: str, tokens=(200, 320)) -> List[Row]:
         cases += [("fp16, batch 1", torch.float16, 1), ("fp16, batch 2 packed", torch.float16, 2)]
     rows = []
     for cudnn in ([False, True] if device == "cuda" else [False]):
-        os.environ[attention_module.CUDNN_ATTENTION_ENV] = "1" if cudnn else "0"
+        os.environ[kernels.CUDNN_ATTENTION_ENV] = "1" if cudnn else "0"
         try:
             for name, dtype, batch in cases:
                 t = attention_plan_timings(device, dtype, tokens, batch)
@@ -212,7 +212,7 @@ def plan_rows(device: str, tokens=(200, 320)) -> List[Row]:
                 label = "cuDNN allowed" if cudnn else "DGE kernels"
                 rows.append(("query counts", f"{label}: {name}", measured, verdict))
         finally:
-            os.environ.pop(attention_module.CUDNN_ATTENTION_ENV, None)
+            os.environ.pop(kernels.CUDNN_ATTENTION_ENV, None)
     return rows
 
 
@@ -257,8 +257,8 @@ def environment(device: str) -> List[Tuple[str, str]]:
         props = torch.cuda.get_device_properties(0)
         items += [("GPU", f"{props.name}, {props.total_memory / 2**30:.0f} GiB"), ("capability", "%d.%d" % (props.major, props.minor))]
         items += [("TF32 matmul / cuDNN", f"{torch.backends.cuda.matmul.allow_tf32} / {torch.backends.cudnn.allow_tf32}")]
-    items += [(f"attention: {k}", v) for k, v in attention_module.attention_backends(torch.device(device)).items()]
-    items.append((attention_module.CUDNN_ATTENTION_ENV, os.environ.get(attention_module.CUDNN_ATTENTION_ENV, "unset")))
+    items += [(f"attention: {k}", v) for k, v in kernels.attention_backends(torch.device(device)).items()]
+    items.append((kernels.CUDNN_ATTENTION_ENV, os.environ.get(kernels.CUDNN_ATTENTION_ENV, "unset")))
     return items
 
 
@@ -290,7 +290,7 @@ def pytest_row(log: str) -> Row:
     found = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|error)[^=]*?)\s*=*$", text, re.M)
     summary = found[-1] if found else "no summary (see the log)"
     ok = bool(found) and "failed" not in summary and "error" not in summary
-    return ("tests", "tests/test_cuda.py", summary, "ok" if ok else "FAIL")
+    return ("tests", "tests/layers/test_cuda.py", summary, "ok" if ok else "FAIL")
 
 
 def train_row(log: str, iterations: int) -> Row:

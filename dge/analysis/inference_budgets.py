@@ -8,10 +8,10 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from ..data import iter_images
-from ..engine import AtomicCheckpointer
+from ..detectron2.data import iter_images
+from ..detectron2.engine import AtomicCheckpointer
 from ..layers import record_routing, set_budget_offsets, store_budget
-from .calibration import block_flops, calibrate, stage_groups
+from ..layers.calibration import block_flops, calibrate, stage_groups
 
 __all__ = ["TOLERANCE", "backbone_inputs", "calibrate_target", "load_model", "measure"]
 

@@ -13,12 +13,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from dge.data import DEFAULT_PHOTOS, iter_images
+from dge.detectron2.data import DEFAULT_PHOTOS, iter_images
 from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module
 from dge.layers import BudgetLoss, complexity_report, dge_modules, record_routing
 from dge.layers.keys import vanilla_state_dict
 
-from .calibration import randomize_routers
+from ..layers.calibration import randomize_routers
 
 __all__ = [
     "PRECISIONS",

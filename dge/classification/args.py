@@ -4,7 +4,7 @@ import argparse
 from typing import Callable, List, Optional
 
 from ..layers import BudgetLoss, DGEOptions
-from ..layers.encoder import ESTIMATORS
+from ..layers.options import ESTIMATORS
 from .build import REFERENCE_BATCH, dge_model_names
 
 __all__ = ["DGE_DEFAULTS", "build_parser", "parse_args"]

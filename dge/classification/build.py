@@ -11,7 +11,7 @@ from timm.models import model_entrypoint
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from ..engine import param_groups
+from ..detectron2.engine import param_groups
 from ..layers import DGEOptions
 
 __all__ = [
@@ -62,7 +62,7 @@ def build_model(
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (β1 = 0.9, the paper's momentum) over ``dge.engine.param_groups`` with DeiT's /
+    """AdamW (β1 = 0.9, the paper's momentum) over ``dge.detectron2.engine.param_groups`` with DeiT's /
     vtpack's rule: no weight decay on 1-D parameters (biases, norms), position embeddings and
     class tokens."""
     return torch.optim.AdamW(param_groups(model, lr, weight_decay, decay_1d=False), lr=lr, betas=(0.9, 0.999))

@@ -18,11 +18,11 @@ from torch import nn
 from detectron2.utils.events import EventStorage, TensorboardXWriter
 
 from ..layers import BudgetLoss, DGEOptions
-from ..modeling.backbone.convert import checkpoint_filter_fn
+from ..models.convert import checkpoint_filter_fn
 from .build import REFERENCE_BATCH, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler
-from ..engine.checkpoint import AtomicCheckpointer
+from ..detectron2.engine.checkpoint import AtomicCheckpointer
 from ..files import atomic_write_text
-from ..engine.metrics import WholeLinesJSONWriter
+from ..detectron2.engine.metrics import WholeLinesJSONWriter
 from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .data import build_dataset, build_loader, build_transforms
 from .distributed import DistEnv, init_distributed

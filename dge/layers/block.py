@@ -1,22 +1,25 @@
-"""The vanilla encoder block, in the form every DGE block wraps.
+"""dge's vanilla encoder block (PVT, DPVT, DeiT), which satisfies the block protocol
+(``dge.layers.protocol.DGEBlock``) natively.
 
-Protocol: ``block(x [B, E + H*W, C], hw)`` is the block on every token, the call a vanilla
-and a DGE block (``DynamicGrainedEncoder``) share, so a stage runs either the same way.
-``block.forward_queries(queries [B, M, C], context [B, N, C], hw, query_centers [B, M, 2],
-rows=None)`` returns the updated queries [B, M, C] (residuals inside): a Dynamic Grained
-Encoder calls it with pooled queries, packed as rows [1, T, C] of B images, and ``rows``
-(``dge.layers.grained.QueryRows``) saying whose rows they are: row-wise work runs unpadded,
-only the attention pads.
+``block(x [B, E + H*W, C], hw)`` is the block on every token, the call a vanilla and a DGE
+block (``DynamicGrainedEncoder``) share, so a stage runs either the same way.
+``block.forward_queries(queries, context, hw, query_centers, rows=None)`` is the block on
+pooled queries against the dense context: packed as rows [1, T, C] of B images with
+``rows`` (``dge.layers.rows.QueryRows``), row-wise work runs unpadded, only the attention
+pads.
 """
 from typing import Optional, Tuple
 
 import torch
 from timm.layers import DropPath
+from timm.models import register_notrace_module
 from torch import nn
 
-from .attention import inference_tiles
-from .grained import QueryRows, token_centers
+from .kernels import inference_tiles
+from .grained import token_centers
 from .keys import map_block_keys
+from .protocol import BlockCall
+from .rows import QueryRows
 
 __all__ = ["Mlp", "EncoderBlock", "NORM_EPS", "drop_path_rows"]
 
@@ -104,6 +107,12 @@ class EncoderBlock(nn.Module):
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
         return self.forward_queries(x, x, hw, centers)
 
+    def prepare(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> BlockCall:
+        """The call ``block(x, hw)`` (``DGEBlock`` protocol): x is [B, E + H*W, C] already."""
+        if hw is None:
+            raise TypeError(f"{type(self).__name__} is called with the map size: block(x, hw)")
+        return BlockCall(x, tuple(hw), self.forward_queries)
+
     def forward_queries(
         self,
         queries: torch.Tensor,
@@ -133,3 +142,6 @@ class EncoderBlock(nn.Module):
         fixed, per_query = self.attn.complexity(hw, num_extra)
         norm = 5.0 * self.dim
         return fixed + norm * n, per_query + 2 * norm + self.mlp.complexity()
+
+
+register_notrace_module(EncoderBlock)  # an FX leaf (timm's feature extraction), as DGE blocks are

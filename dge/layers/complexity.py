@@ -179,9 +179,9 @@ GranularitySpec = Union[int, Callable[[str, Tuple[int, int]], torch.Tensor]]
 @contextlib.contextmanager
 def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Iterator[None]:
     """While active, every DGE block of ``model`` is called with a fixed ``granularity_map``
-    (its router does not run), by a forward pre-hook that fills the ``granularity_map``
-    argument of ``DynamicGrainedEncoder.forward(x, hw, granularity_map)``. Nested, the
-    innermost wins.
+    (its router does not run), by a forward pre-hook that sets the ``granularity_map``
+    argument of ``DynamicGrainedEncoder.forward`` to a map of the block's region grid.
+    Nested, the innermost wins.
 
     Args:
         granularity: an int φ for every region (1: each block runs exactly its vanilla block:
@@ -199,19 +199,15 @@ def force_granularity(model: nn.Module, granularity: GranularitySpec = 1) -> Ite
             )
 
     def make_hook(name: str):
-        def hook(module: DynamicGrainedEncoder, args, kwargs):
-            kwargs = dict(kwargs)
-            names = ("x", "hw", "granularity_map")
-            kwargs.update({k: a for k, a in zip(names, args)})
-            x, hw = kwargs["x"], module.resolve_hw(kwargs.get("hw"))
-            regions = module.layout(hw, x.device).region_grid
+        def fixed_map(regions: Tuple[int, int], device: torch.device) -> torch.Tensor:
             if isinstance(granularity, int):
-                gmap = torch.full((x.shape[0],) + regions, granularity, dtype=torch.long, device=x.device)
-            else:
-                gmap = torch.as_tensor(granularity(name, regions), device=x.device).long()
-                gmap = gmap.expand((x.shape[0],) + regions) if gmap.dim() == 2 else gmap
-            kwargs["granularity_map"] = gmap
-            return (), kwargs
+                return torch.full(regions, granularity, dtype=torch.long, device=device)
+            return torch.as_tensor(granularity(name, regions), device=device).long()
+
+        def hook(module: DynamicGrainedEncoder, args, kwargs):
+            device = (args[0] if args else kwargs["x"]).device
+            # the block's call stays as it is; the map is made once the block knows its region grid
+            return args[:2], dict(kwargs, granularity_map=lambda regions: fixed_map(regions, device))
 
         return hook
 

@@ -1,11 +1,11 @@
 """The Dynamic Grained Encoder (Sec. 3.2): sparse queries for any vanilla encoder block."""
 import contextlib
-import functools
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
+from timm.models import register_notrace_module
 from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
@@ -19,24 +19,25 @@ from .grained import (
     unpack_tokens,
 )
 from .keys import map_block_keys
+from .options import DGEOptions
+from .protocol import BlockCall, BlockCost, check_block_protocol
 from .router import GrainedRouter
 from .routing import RoutingInfo, add_routing, routing_recorded
 
 __all__ = [
-    "DGEOptions",
     "DynamicGrainedEncoder",
-    "ROUTING_KINDS",
-    "ESTIMATORS",
     "ACCOUNTING_DTYPE",
+    "GranularityMap",
     "is_capturing",
     "specialize_to_input",
 ]
 
-ROUTING_KINDS = ("region", "layer")
-ESTIMATORS = ("paper", "official", "official_sparse")  # DGEOptions.estimator
 # Query counts, FLOPs and β are summed in float32 whatever the activations are (a block's
 # multiply-adds, ~1e9, overflow float16; bfloat16 keeps 8 bits). float64 would fail on MPS.
 ACCOUNTING_DTYPE = torch.float32
+# A fixed routing: [B, Hr, Wr] long values in Φ, or a function of the region grid (Hr, Wr)
+# giving one ([Hr, Wr]: every image the same).
+GranularityMap = Union[torch.Tensor, Callable[[Tuple[int, int]], torch.Tensor]]
 
 
 def is_capturing() -> bool:
@@ -99,101 +100,15 @@ class _Decision:
         return torch.take_along_dim(layout.region_num_patches[None], self.choice[:, None], 1)[:, 0]
 
 
-def _check_granularities(granularities: Sequence[int], region_size: Optional[int]) -> Tuple[int, ...]:
-    values = tuple(sorted({int(g) for g in granularities}))
-    if not values or any(g < 0 or g != int(g) for g in granularities):
-        raise ValueError(f"granularities must be a non-empty set of non-negative integers; got {tuple(granularities)}")
-    if max(values) == 0:
-        raise ValueError(f"granularities must contain a positive granularity; got {values}")
-    if region_size is not None:
-        bad = [g for g in values if g > 0 and region_size % g != 0]
-        if bad:
-            raise ValueError(f"granularities must divide the region size {region_size}; got {bad[0]}")
-    return values
-
-
-@dataclass(frozen=True)
-class DGEOptions:
-    """How a Dynamic Grained Encoder routes: the one home of these defaults (detectron2's
-    MODEL.DGE keys and the classifier's flags take theirs from here).
-
-    Attributes:
-        granularities: Φ, e.g. (1, 2, 4); 0 means "skip the region".
-        region_size: S; None uses max(Φ). Every φ must divide it.
-        routing: "region" (Sec. 3.2.2) or "layer" (the region is the whole map, Table 1).
-        gumbel_tau: τ of the soft score (Eq. 5).
-        estimator: how training passes gradients to the routers:
-            "paper": only the chosen granularity is computed; the task loss reaches the router
-            through the chosen choice's score (Eq. 6), the budget through ψ of the chosen
-            choice (Eq. 7). "official": the official code's (vtpack) default: every
-            granularity computed and mixed by the hard Gumbel-softmax straight-through gate
-            over all K; the budget counts Σ_k gate_k ψ_k, so its gradient reaches every
-            choice's score. "official_sparse": vtpack's ``sparse_train``: the task gradient of
-            "paper", the budget gradient of "official".
-        init_fine_prob: initial router probability of the finest granularity.
-    """
-
-    granularities: Tuple[int, ...] = (1, 2, 4)
-    region_size: Optional[int] = None
-    routing: str = "region"
-    gumbel_tau: float = 1.0
-    estimator: str = "paper"
-    init_fine_prob: float = 0.95
-
-    def __post_init__(self):
-        if self.routing not in ROUTING_KINDS:
-            raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {self.routing!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}")
-        if self.gumbel_tau <= 0:
-            raise ValueError(f"gumbel_tau must be > 0; got {self.gumbel_tau}")
-        object.__setattr__(self, "granularities", _check_granularities(self.granularities, None))  # sorted
-        if self.region_size is not None and self.region_size < 1:
-            raise ValueError(f"region_size must be >= 1; got {self.region_size}")
-        _check_granularities(self.granularities, self.region_size or max(self.granularities))
-
-    @classmethod
-    def coerce(cls, value: Union[None, bool, Mapping[str, Any], "DGEOptions"]) -> Optional["DGEOptions"]:
-        """None / False: no DGE; True: the defaults; a mapping of field names or an instance."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        names = tuple(f.name for f in fields(cls))
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ValueError(f"unknown DGE options {unknown}; allowed: {names}")
-        return cls(**value)
-
-    @classmethod
-    def from_config(cls, dge_cfg) -> "DGEOptions":
-        """From detectron2's ``cfg.MODEL.DGE`` (REGION_SIZE 0 means max(Φ))."""
-        return cls(
-            granularities=tuple(dge_cfg.GRANULARITIES),
-            region_size=dge_cfg.REGION_SIZE or None,
-            routing=dge_cfg.ROUTING,
-            gumbel_tau=dge_cfg.GUMBEL_TAU,
-            estimator=dge_cfg.ESTIMATOR,
-            init_fine_prob=dge_cfg.INIT_FINE_PROB,
-        )
-
-    def replace(self, **changes) -> "DGEOptions":
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 class DynamicGrainedEncoder(nn.Module):
-    """Wraps a vanilla encoder block (``dge.layers.block`` protocol) with a router that gives
-    each S×S region one granularity φ ∈ Φ; the block runs on one pooled query per φ×φ
+    """Wraps a vanilla encoder block (``dge.layers.protocol.DGEBlock``) with a router that
+    gives each S×S region one granularity φ ∈ Φ; the block runs on one pooled query per φ×φ
     patch against the dense input, and ``x + unpool(block(q, x) - q)`` is returned. It takes
-    the vanilla block's call, ``dge(x, hw)``.
+    the vanilla block's own call (``dge(x, hw)`` for dge's blocks, timm's ``blk(x)``, ...):
+    the block's ``prepare`` says what the call means.
 
     Args:
-        block: the vanilla block (``dge.layers.block`` protocol).
+        block: the vanilla block (``DGEBlock`` protocol).
         dim: channels C.
         options: a ``DGEOptions`` (Φ, S, routing kind, τ, dense training, router
             initialisation), a mapping of its fields, or None (the defaults).
@@ -214,6 +129,7 @@ class DynamicGrainedEncoder(nn.Module):
         num_extra_tokens: int = 0,
     ):
         super().__init__()
+        check_block_protocol(block)
         self.options = options = DGEOptions.coerce(options) or DGEOptions()
         self.num_extra_tokens = num_extra_tokens
         self.specialized = False
@@ -254,8 +170,12 @@ class DynamicGrainedEncoder(nn.Module):
         with unset_fake_temporarily():  # real tensors, also under torch.export: constants of its graph
             return static_layout(hw[0], hw[1], self.granularities, region, torch.device(device), self.num_extra_tokens)
 
-    def _check_map(self, granularity_map: torch.Tensor, batch: int, layout: StaticLayout) -> torch.Tensor:
+    def _check_map(self, granularity_map: GranularityMap, batch: int, layout: StaticLayout) -> torch.Tensor:
         hr, wr = layout.region_grid
+        if callable(granularity_map):
+            granularity_map = torch.as_tensor(granularity_map((hr, wr)), device=self._phi.device)
+            if granularity_map.dim() == 2:
+                granularity_map = granularity_map.expand(batch, hr, wr)
         if tuple(granularity_map.shape) != (batch, hr, wr):
             raise ValueError(
                 f"granularity_map must have shape [B, Hr, Wr] = {[batch, hr, wr]}; "
@@ -294,47 +214,33 @@ class DynamicGrainedEncoder(nn.Module):
         self,
         x: torch.Tensor,
         hw: Optional[Tuple[int, int]] = None,
-        granularity_map: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-        rope: Optional[torch.Tensor] = None,
+        granularity_map: Optional[GranularityMap] = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """x: [B, E + H*W, C] -> [B, E + H*W, C]; ``granularity_map`` [B, Hr, Wr] (values in Φ)
-        bypasses the router. ``hw`` None: the block's ``token_grid()`` (a block whose model
-        calls it without the map size, e.g. timm's: ``dge.modeling.timm_patch``).
-        ``attn_mask`` / ``is_causal``: timm's block call, which passes them through when set
-        (e.g. in an FX trace); a DGE block attends unmasked and refuses a mask. ``rope``: the
-        rotary table timm's EVA passes its blocks, handed on to ``forward_queries``. ``x`` may
-        also be a map [B, H, W, C] (a block without extra tokens): the output is one too."""
-        if attn_mask is not None or is_causal:
-            raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
-        if x.dim() == 4 and self.num_extra_tokens == 0:  # a map [B, H, W, C] (SAM's, ViTDet's blocks)
-            return self.forward(x.flatten(1, 2), tuple(x.shape[1:3]), granularity_map, rope=rope).view(x.shape)
-        hw = self.resolve_hw(hw)
-        e = self.num_extra_tokens
+        """The block's call (``block.prepare(x, hw, **kwargs)``: for dge's blocks x [B, E + H*W,
+        C] and hw) -> the output in the same form. ``granularity_map`` [B, Hr, Wr] (values in
+        Φ), or a function of the region grid (Hr, Wr) giving one ([Hr, Wr] for every image),
+        bypasses the router."""
+        call = self.block.prepare(x, hw, **kwargs)
+        return call.restore(self.encode(call, granularity_map))
+
+    def encode(self, call: BlockCall, granularity_map: Optional[GranularityMap] = None) -> torch.Tensor:
+        """Route, pack, run ``call.run`` on the queries, unpack, record: [B, E + H*W, C] tokens
+        of ``call`` -> [B, E + H*W, C]."""
+        x, hw, e = call.tokens, call.hw, self.num_extra_tokens
         if x.shape[1] != e + hw[0] * hw[1]:
             raise ValueError(f"expected E + H*W = {e} + {hw[0]}*{hw[1]} = {e + hw[0] * hw[1]} tokens; got {x.shape[1]}")
         layout = self.layout(hw, x.device)
         pooled = PatchPooler(x[:, e:], layout)
         decision = self._decide(x, pooled, layout, granularity_map)
-        run = self.block.forward_queries if rope is None else functools.partial(self.block.forward_queries, rope=rope)
         if self.training and self.options.estimator == "official" and decision.probs is not None:
-            out = self._forward_dense(x, pooled, layout, decision, hw, run)
+            out = self._forward_dense(x, pooled, layout, decision, hw, call.run)
             num_queries = decision.patches(layout).sum(dim=1).long()
         else:
-            out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw, run)
+            out, num_queries = self._forward_sparse(x, pooled, layout, decision, hw, call.run)
         if routing_recorded():
             add_routing(self, self._account(decision, num_queries, layout, hw, routed=granularity_map is None))
         return out
-
-    def resolve_hw(self, hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-        """``hw``, or where it is None the map size the block knows (``block.token_grid()``)."""
-        if hw is not None:
-            return hw
-        grid = getattr(self.block, "token_grid", None)
-        if grid is None:
-            raise TypeError(f"{type(self.block).__name__} has no token_grid(): call its DGE block as dge(x, hw)")
-        return grid()
 
     def _account(self, decision: _Decision, num_queries, layout: StaticLayout, hw, routed: bool) -> RoutingInfo:
         """Last step: the routing and its cost (Eq. 7), counted in ``ACCOUNTING_DTYPE``."""
@@ -353,13 +259,12 @@ class DynamicGrainedEncoder(nn.Module):
             block_cost=self.block_cost(tuple(hw)),
         )
 
-    def block_cost(self, hw: Tuple[int, int]) -> Tuple[float, float]:
-        """The vanilla block's (fixed, per-query) multiply-adds on an ``hw`` map: its
-        ``complexity``, which depends on the map size only, kept per size (a block walks its
-        modules for it)."""
+    def block_cost(self, hw: Tuple[int, int]) -> BlockCost:
+        """The block's ``BlockCost`` on an ``hw`` map: its ``complexity``, which depends on the
+        map size only, kept per size (a block walks its modules for it)."""
         cost = self._block_costs.get(hw)
         if cost is None:
-            cost = self.block.complexity(hw, self.num_extra_tokens)
+            cost = BlockCost(*self.block.complexity(hw, self.num_extra_tokens))
             if not is_capturing():
                 self._block_costs[hw] = cost
         return cost
@@ -465,3 +370,8 @@ class DynamicGrainedEncoder(nn.Module):
             delta = torch.cat([delta.new_zeros(b, e, c), delta], dim=1) if e else delta  # rows of the extra tokens
             out = unpack_tokens(out, delta * weight, packing)
         return torch.cat([y[:, :e], out], dim=1) if e else out
+
+
+# FX (timm's feature extraction, ``torch.fx``) treats DGE blocks as leaves: their routing and
+# CPU tiling read sizes a symbolic trace does not have.
+register_notrace_module(DynamicGrainedEncoder)

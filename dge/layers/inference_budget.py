@@ -3,7 +3,7 @@ retraining. Each router keeps a small table of calibrated β targets and the off
 finest choice's logit for each (``GrainedRouter.budget_targets`` / ``budget_offsets``, saved
 with the model); ``use_budget`` puts one target's offsets in use (eval mode only), and
 ``store_budget`` writes the offsets in use into the table (``tools/calibrate_budget.py``
-finds them with ``dge.analysis.calibration.calibrate``)."""
+finds them with ``dge.layers.calibration.calibrate``)."""
 import math
 from typing import List, Sequence
 

@@ -4,7 +4,7 @@ A Dynamic Grained Encoder stores the block it wraps under ``block.`` and its rou
 ``router.``; the vanilla block stores the same parameters without ``block.``. Both modules
 call ``map_block_keys`` when they load, so either checkpoint loads into either model (a DGE
 file's routers are then unused, and reported so by ``load_state_dict``), and checkpoint
-conversion (``dge.modeling.backbone.convert``) applies it to a whole model with
+conversion (``dge.models.convert``) applies it to a whole model with
 ``map_dge_keys``; ``vanilla_state_dict`` names a DGE model's tensors for its vanilla twin."""
 from typing import Dict, MutableMapping
 

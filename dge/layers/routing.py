@@ -17,6 +17,8 @@ from typing import Iterator, List, Tuple
 import torch
 from torch import nn
 
+from .protocol import BlockCost
+
 __all__ = ["RoutingInfo", "RoutingRecord", "record_routing", "add_routing", "routing_recorded"]
 
 
@@ -31,7 +33,7 @@ class RoutingInfo:
             straight-through soft count Σ p_i·n_i (differentiable in training).
         hw: (H, W) of the feature map; num_extra: E extra tokens.
         router_flops: multiply-adds of the router (0 when the map was given).
-        block_cost: (fixed, per_query) multiply-adds of the vanilla block.
+        block_cost: the block's ``BlockCost`` (``dge.layers.protocol``) at this map size.
     """
 
     granularity_map: torch.Tensor
@@ -40,7 +42,7 @@ class RoutingInfo:
     hw: Tuple[int, int]
     num_extra: int
     router_flops: float
-    block_cost: Tuple[float, float]
+    block_cost: BlockCost
 
     @property
     def num_tokens(self) -> int:
@@ -48,13 +50,13 @@ class RoutingInfo:
 
     def dynamic_flops(self) -> torch.Tensor:
         """[B] multiply-adds of this DGE block per image (router included)."""
-        fixed, per_query = self.block_cost
-        return fixed + self.router_flops + per_query * (self.query_count + self.num_extra)
+        cost = self.block_cost
+        return cost.fixed + self.router_flops + cost.per_query * (self.query_count + self.num_extra)
 
     def static_flops(self) -> float:
         """Multiply-adds of the vanilla block on the same input."""
-        fixed, per_query = self.block_cost
-        return fixed + per_query * (self.num_tokens + self.num_extra)
+        cost = self.block_cost
+        return cost.fixed + cost.vanilla_delta + cost.per_query * (self.num_tokens + self.num_extra)
 
 
 class RoutingRecord:

@@ -10,7 +10,7 @@ torchvision).
 
 import torch
 
-# Read by dge.compat.has_compiled_ops().
+# Read by dge.detectron2.compat.has_compiled_ops().
 IS_STANDIN = True
 
 _HOW_TO_GET = (

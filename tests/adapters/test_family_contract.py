@@ -1,0 +1,166 @@
+"""The contract every block family meets under ``dge.patch``, one case per family: all-fine
+routing is the untouched model; the original state dict loads with only the routers new, and
+``unpatch`` gives the model back; β (Eq. 7) is fvcore's per-image count; inference reads one
+value (its ``nonzero``) per block at batch 1 and 2; ``torch.export`` stays dynamic; half
+precision gives float32's β under the same routing.
+
+Adding a family is adding one case to ``FAMILIES`` (docs/architecture.md)."""
+import copy
+import functools
+
+import pytest
+import torch
+
+import dge
+from dge.adapters import model_stages
+from dge.layers.calibration import calibrate, randomize_routers, set_logit_offset
+from dge.analysis.flop_count import FlopCountAnalysis
+from dge.analysis.syncs import count_host_reads
+from dge.layers import complexity_report
+from model_helpers import TimmCase, forced_routing, granularity_maps, max_diff, recorded
+
+
+FAMILIES = {
+    # timm's Block + Attention: DINOv2 with 4 registers and layer scale (5 prefix tokens), 5×7 patches
+    "vit": TimmCase("vit_small_patch14_reg4_dinov2", dict(img_size=(70, 98), depth=2), (70, 98)),
+    # EVA-02: rotary embeddings, fused qkv with q / v biases, gamma layer scales, SwiGLU; 6×8 patches
+    "eva": TimmCase("eva02_tiny_patch14_224", dict(img_size=(84, 112), depth=2, init_values=0.1), (84, 112)),
+    # SAM's encoder: windows of 4 padded (11×15 patches), block 1 global, relative positions
+    "sam": TimmCase("samvit_base_patch16", dict(img_size=(176, 240), window_size=4, depth=2, global_attn_indexes=[1],
+                                              embed_dim=64, num_heads=2), (176, 240)),
+    # dge's own blocks: PVT (SR attention, four stages, a class token in the last), DPVT (deformable)
+    "pvt": TimmCase("pvt_tiny", dict(depths=(1, 1, 1, 1))),
+    "dpvt": TimmCase("dpvt_tiny", dict(depths=(1, 1, 1, 1))),
+}
+CASES = sorted(FAMILIES)
+
+
+@functools.lru_cache(maxsize=None)
+def _routed(case: str):
+    model, x = FAMILIES[case].build()
+    dge.patch(model)
+    randomize_routers(model, seed=0)
+    with torch.no_grad():
+        calibrate(model, lambda: model.forward_features(x), 0.5, steps=10)
+    return model, x
+
+
+def routed(case: str):
+    """(the family's model patched, routers routing by content at β ≈ 0.5 on x; x): a copy."""
+    return copy.deepcopy(_routed(case))
+
+
+def num_blocks(model) -> int:
+    return sum(len(stage.blocks) for stage in model_stages(model))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_all_fine_routing_is_the_untouched_model(case):
+    model, x = FAMILIES[case].build()
+    with torch.no_grad():
+        reference = model.forward_features(x)
+        dge.patch(model)
+        with dge.force_granularity(model, 1):  # the given map: the vanilla call of each block
+            forced = model.forward_features(x)
+        set_logit_offset(model, [30.0])  # the routers choose φ = 1 everywhere
+        routed_out, record = recorded(model.forward_features, x)
+    assert max_diff(forced, reference) <= 1e-5 and max_diff(routed_out, reference) <= 1e-5
+    # 1 + the routers' own cost, within 1%: the DGE form may cost a little more than the vanilla
+    # block at every token (SAM's global blocks: relative positions at 2k - 1 offsets a side)
+    beta = complexity_report(record, model).beta
+    assert torch.all((beta >= 1.0) & (beta < 1.01))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_original_state_dict_loads_with_only_the_routers_new_and_unpatch_restores(case):
+    model, x = FAMILIES[case].build()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = [list(stage.blocks) for stage in model_stages(model)]
+    with torch.no_grad():
+        reference = model.forward_features(x)
+    patched = dge.patch(FAMILIES[case].build(seed=1)[0])
+    loaded = patched.load_state_dict(original, strict=False)
+    assert not loaded.unexpected_keys
+    assert loaded.missing_keys and all(".router." in k for k in loaded.missing_keys)
+    assert {k.replace(".block.", ".") for k in patched.state_dict() if ".router." not in k} == set(original)
+    with torch.no_grad(), dge.force_granularity(patched, 1):
+        assert max_diff(patched.forward_features(x), reference) <= 1e-5
+    assert dge.unpatch(dge.patch(model)) is model and not dge.is_patched(model)
+    assert [list(stage.blocks) for stage in model_stages(model)] == blocks
+    assert set(model.state_dict()) == set(original)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), reference)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_beta_is_fvcores_per_image_count(case):
+    """Each block's static cost is fvcore's count of the vanilla block; as routed, each block's
+    dynamic cost (router included) is fvcore's count of the traced DGE block, and β is their
+    ratio over the blocks (Eq. 7)."""
+    model, x = FAMILIES[case].build()
+    image = x[:1]
+    with torch.no_grad():
+        vanilla = FlopCountAnalysis(model, (image,)).by_module()
+    model, _ = routed(case)
+    with torch.no_grad():
+        _, record = recorded(model, image)
+        counted = FlopCountAnalysis(model, (image,)).by_module()
+    report = complexity_report(record, model)
+    traced = [FlopCountAnalysis.traced_name(name) for name in report.names]
+    for name, dynamic, static in zip(traced, report.dynamic_flops[:, 0].tolist(), report.static):
+        assert static == pytest.approx(vanilla[name], rel=0.01), name
+        assert dynamic == pytest.approx(counted[name], rel=0.01), name
+    fvcore_beta = sum(counted[n] for n in traced) / sum(vanilla[n] for n in traced)
+    assert float(report.beta) == pytest.approx(fvcore_beta, rel=0.005)
+    assert float(report.beta) == pytest.approx(0.5, abs=0.1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("case", CASES)
+def test_inference_reads_one_value_per_block(case, batch):
+    """Each block's query count is the shape of its one nonzero; padding sizes are bounds
+    known on the host; nothing else is read from a tensor or copied from the host."""
+    model, x = routed(case)
+    with torch.no_grad():
+        model.forward_features(x[:batch])  # caches built (layouts, costs)
+        assert count_host_reads(lambda: model.forward_features(x[:batch])) == {"aten::nonzero": num_blocks(model)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torch_export_stays_dynamic(case):
+    """One program exported at one image's routing runs another image's routing exactly."""
+    model, x = routed(case)
+    with torch.no_grad():
+        program = torch.export.export(model, (x[:1],))
+        for image in (x[:1], x[1:]):
+            assert max_diff(program.module()(image), model(image)) <= 1e-5
+        _, first = recorded(model, x[:1])
+        _, second = recorded(model, x[1:])
+    assert any(not torch.equal(a, b) for a, b in zip(granularity_maps(first), granularity_maps(second)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_half_precision_keeps_float32s_beta_under_the_same_routing(case, dtype):
+    model, x = routed(case)
+    x = x[:1]
+    with torch.no_grad():
+        _, record = recorded(model.forward_features, x)
+        with forced_routing(model, granularity_maps(record)):
+            y32, record = recorded(model.forward_features, x)
+            model.to(dtype)
+            y, half = recorded(model.forward_features, x.to(dtype))
+    beta32, beta = complexity_report(record, model).beta, complexity_report(half, model).beta
+    assert beta.dtype == torch.float32 and 0.3 < float(beta32) < 0.7
+    torch.testing.assert_close(beta, beta32, rtol=1e-6, atol=0.0)
+    error = (y.float() - y32).norm() / y32.norm()
+    assert error < (0.01 if dtype == torch.float16 else 0.05), error
+
+
+def test_every_registered_adapter_has_a_case():
+    """A new family's adapter comes with its case here."""
+    covered = set()
+    for case in FAMILIES.values():
+        model, _ = case.build()
+        covered |= {dge.adapters.find_adapter(b, "") for stage in model_stages(model) for b in stage.blocks}
+    assert set(dge.adapters.ADAPTERS.values()) == covered
