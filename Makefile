@@ -17,8 +17,9 @@ demo: setup
 	$(PY) tools/visualize_gates.py --config-file $(DEMO_CFG) --output $(DEMO_OUT)/gates_photos \
 		MODEL.WEIGHTS $(DEMO_OUT)/model_final.pth
 
+# One pytest-xdist worker per core, each on one thread (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist worksteal tests
 
 # Accuracy against budget (README): the demo model recalibrated to six β, the demo trained at
 # γ = 0.25 and 0.75, and the vanilla model on smaller inputs; models already trained are reused.

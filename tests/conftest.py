@@ -14,6 +14,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))  # model_helpers, tra
 
 from repo import SMALL_DATA  # noqa: E402  (tests/helpers/, on sys.path from here on)
 
+# Under pytest-xdist (``make test``: one worker per core) each worker and the processes its
+# tests start compute on one thread: workers side by side instead of threads fighting for cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def small_data_folder(tmp_path_factory):
