@@ -6,11 +6,11 @@ tokens: it is rotated by the table's angle there (``rope_at_centers``), read off
 the angle of the token below plus the fraction times each channel's one-token step. That is
 exact while a channel turns by less than π per token; EVA rescales its table to the
 pre-training grid, so small grids turn faster, and the stage's grid refuses them
-(``rope_step_check``) with the least size that works.
+(``RopeStepCheck``) with the least size that works.
 """
 import functools
 import math
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
@@ -22,7 +22,7 @@ from dge.layers.kernels import attend
 
 from .base import Stage, TimmAdapter, global_attention_cost, project_qkv, refuse_mask, register_adapter, split_heads
 
-__all__ = ["EvaAdapter", "rope_at_centers", "rope_step_check"]
+__all__ = ["EvaAdapter", "RopeStepCheck", "rope_at_centers"]
 
 
 @register_adapter
@@ -35,7 +35,7 @@ class EvaAdapter(TimmAdapter):
         super().__init__(block, stage)
         rope = getattr(getattr(stage, "model", None), "rope", None)
         if rope is not None:  # once per forward, at the patch embedding, not in every block
-            stage.grid.checks.setdefault("rope", rope_step_check(rope))
+            stage.grid.checks.setdefault("rope", RopeStepCheck(rope))
 
     @classmethod
     def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
@@ -74,24 +74,24 @@ class EvaAdapter(TimmAdapter):
         return global_attention_cost(self, hw, num_extra)
 
 
-def rope_step_check(rope: nn.Module) -> Callable[[Tuple[int, int]], None]:
-    """A check of a token grid for the rotary embedding ``rope`` (host numbers, read once):
-    pooled queries take the angle between tokens, exact while a channel turns by less than π
-    per token at the table's rescaled grid (``ref_feat_shape``)."""
-    band, ref = float(rope.bands.abs().max()), rope.ref_feat_shape
+class RopeStepCheck:
+    """A check of a token grid for a rotary embedding (host numbers, read once from its
+    bands and pre-training grid ``ref_feat_shape``): pooled queries take the angle between
+    tokens, exact while a channel turns by less than π per token at the rescaled grid."""
 
-    def check(hw: Tuple[int, int]) -> None:
-        grid = ref or hw  # without a pre-training grid the step is the band itself
+    def __init__(self, rope: nn.Module):
+        self.band, self.ref = float(rope.bands.abs().max()), rope.ref_feat_shape
+
+    def __call__(self, hw: Tuple[int, int]) -> None:
+        grid = self.ref or hw  # without a pre-training grid the step is the band itself
         scale = max(r / s for r, s in zip(grid, hw))
-        if band * scale >= math.pi:
-            least = math.ceil(band * max(grid) / math.pi + 1e-9)
+        if self.band * scale >= math.pi:
+            least = math.ceil(self.band * max(grid) / math.pi + 1e-9)
             raise ValueError(
-                f"a {hw[0]}x{hw[1]} patch grid turns the rotary embedding by {band * scale:.2f} rad a "
+                f"a {hw[0]}x{hw[1]} patch grid turns the rotary embedding by {self.band * scale:.2f} rad a "
                 f"token (≥ π) at its pre-training grid {tuple(grid)}: DGE's pooled queries need at least "
                 f"{least} patches a side"
             )
-
-    return check
 
 
 def rope_at_centers(table: torch.Tensor, hw: Tuple[int, int], centers: torch.Tensor) -> torch.Tensor:
