@@ -10,9 +10,9 @@ A new family is one module here with one ``@register_adapter`` class (and, for a
 whose stages ``model_stages`` does not find, one ``@register_stages`` function), plus one
 case in tests/adapters/test_family_contract.py.
 """
-from . import eva, native, sam, vit  # noqa: F401  (registration: one adapter per family)
+from . import eva, hiera, native, pvt_v2, sam, swin, vit  # noqa: F401  (registration: one adapter per family)
 from .base import ADAPTERS, Adapter, Stage, TimmAdapter, TokenGrid, find_adapter, register_adapter
-from .patch import STAGE_FINDERS, is_patched, model_stages, patch, register_stages, unpatch
+from .patch import STAGE_FINDERS, fit_to_windows, is_patched, model_stages, patch, register_stages, unpatch
 
 __all__ = [
     "ADAPTERS",
@@ -22,6 +22,7 @@ __all__ = [
     "TimmAdapter",
     "TokenGrid",
     "find_adapter",
+    "fit_to_windows",
     "is_patched",
     "model_stages",
     "patch",

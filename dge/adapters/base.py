@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dge.layers import BlockCall, DGEOptions
+from dge.layers import BlockCall, BlockCost, DGEOptions
 from dge.layers.block import drop_path_rows
+from dge.layers.rows import row_images
+from dge.layers.windows import WindowRows, window_rows
 
 __all__ = [
     "ADAPTERS",
@@ -24,10 +26,14 @@ __all__ = [
     "Stage",
     "TimmAdapter",
     "TokenGrid",
+    "check_tiles",
     "find_adapter",
     "global_attention_cost",
+    "head_norm",
+    "windowed_attention_cost",
     "linear_cost",
     "norm_cost",
+    "place_queries",
     "project_qkv",
     "refuse_mask",
     "register_adapter",
@@ -60,14 +66,14 @@ class Stage:
     """One stage of a model as ``patch`` walks it: its block list (whose items are wrapped in
     place), the token grid its blocks share, its extra tokens, and the module that records
     the grid on each forward (None when the blocks are called with their map size).
-    ``adapters``: the adapter class of each block, filled by ``patch``."""
+    ``wrapped``: (index, adapter class) of each block ``patch`` wrapped."""
 
     blocks: nn.Module
     num_extra: int = 0
     recorder: Optional[nn.Module] = None
     model: Optional[nn.Module] = None
     grid: TokenGrid = field(default_factory=TokenGrid)
-    adapters: List[type] = field(default_factory=list)
+    wrapped: List[Tuple[int, type]] = field(default_factory=list)
 
 
 class Adapter:
@@ -84,6 +90,17 @@ class Adapter:
     @classmethod
     def supports(cls, block: nn.Module) -> bool:
         return isinstance(block, cls.block_type)
+
+    @classmethod
+    def window(cls, block: nn.Module) -> Optional[Tuple[int, int]]:
+        """The block's attention window (Wh, Ww) in tokens, or None (global attention)."""
+        return None
+
+    @classmethod
+    def dense(cls, block: nn.Module) -> bool:
+        """Whether ``patch`` leaves this block as it is, outside DGE (e.g. a block that pools its
+        queries between stages); its cost then stays outside β, as a patch embedding's does."""
+        return False
 
     @classmethod
     def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
@@ -176,14 +193,44 @@ class TimmAdapter(Adapter, nn.Module):
         raise NotImplementedError
 
     def layer_scale(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """timm's ``ls{i}`` module (``nn.Identity`` when unset)."""
-        return getattr(self, f"ls{i}")(x)
+        """timm's ``ls{i}`` module (``nn.Identity`` when unset; none in Swin's blocks)."""
+        scale = getattr(self, f"ls{i}", None)
+        return x if scale is None else scale(x)
+
+
+def check_tiles(window: Optional[Tuple[int, int]], label: str, options: DGEOptions) -> None:
+    """A ValueError unless the region size divides the block's window (regions must tile windows),
+    naming the granularities that do and ``fit_to_windows``."""
+    region = options.region_size or max(options.granularities)
+    if window is None or (window[0] % region == 0 and window[1] % region == 0):
+        return
+    size = math.gcd(*window)
+    fits = tuple(g for g in range(1, size + 1) if size % g == 0)
+    raise ValueError(
+        f"dge.patch: region size {region} does not divide {label}'s window {window[0]}x{window[1]}; regions must "
+        f"tile windows: take granularities from {fits} (the largest is the region size), e.g. {(1, fits[-1])}, or "
+        f"let each block take what fits its window: dge.patch(model, dge.adapters.fit_to_windows(options))"
+    )
 
 
 def refuse_mask(attn_mask, is_causal: bool) -> None:
     """A DGE block attends without a mask (timm passes one only when asked, e.g. in an FX trace)."""
     if attn_mask is not None or is_causal:
         raise ValueError("a DGE block attends without a mask: attn_mask must be None and is_causal False")
+
+
+def place_queries(queries: torch.Tensor, centers: torch.Tensor, rows, batch: int, hw, window) -> WindowRows:
+    """Where ``queries`` [B', M, C] (packed rows with ``rows``, or a [B, M] batch) sit in the
+    Wh×Ww windows of the padded ``hw`` map of ``batch`` images (``dge.layers.windows``)."""
+    images = rows.image_index if rows is not None else row_images(batch, queries.shape[1], queries.device)
+    return window_rows(centers.reshape(-1, 2), images, batch, hw, window)
+
+
+def head_norm(norm: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """timm's per-head q / k norm on [..., heads·d] rows (nothing for ``nn.Identity``)."""
+    if isinstance(norm, nn.Identity):
+        return x
+    return norm(x.view(*x.shape[:-1], heads, -1)).view(x.shape)
 
 
 def split_heads(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -198,7 +245,8 @@ def project_qkv(attn: nn.Module, queries: torch.Tensor, context: torch.Tensor):
     ``k_proj`` / ``v_proj``."""
     if getattr(attn, "qkv", None) is None:
         return attn.q_proj(queries), attn.k_proj(context), attn.v_proj(context)
-    a, weight, bias = attn.num_heads * attn.head_dim, attn.qkv.weight, attn.qkv.bias
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    a = weight.shape[0] // 3
     if getattr(attn, "q_bias", None) is not None:
         bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
     q = F.linear(queries, weight[:a], None if bias is None else bias[:a])
@@ -218,14 +266,40 @@ def linear_cost(module: nn.Module) -> float:
     return float(linear + norms)
 
 
-def global_attention_cost(block: TimmAdapter, hw: Tuple[int, int], num_extra: int) -> Tuple[float, float]:
-    """(fixed, per_query) multiply-adds of a pre-norm block with global attention (timm's
-    ``Attention`` and EVA's): fixed is ``norm1`` of the context, the k and v projections and
-    the k norm; per query everything else (softmax, GELU, rotations, layer scales: 0)."""
-    n = math.prod(hw) + num_extra
+def _attention_parts(block: nn.Module) -> Tuple[int, int, float, float, float]:
+    """(C, A, q-norm, k-norm, output norm + projection) per token of a block's attention."""
     attn = block.attn
-    c, a = block.dim, attn.num_heads * attn.head_dim
-    fixed = n * (norm_cost(block.norm1, c) + 2 * c * a + norm_cost(attn.k_norm, a))
-    per_query = norm_cost(block.norm1, c) + c * a + norm_cost(attn.q_norm, a) + 2.0 * n * a
-    per_query += norm_cost(attn.norm, a) + linear_cost(attn.proj)
-    return fixed, per_query + norm_cost(block.norm2, c) + linear_cost(block.mlp)
+    c, a = block.dim, attn.proj.in_features
+    outputs = norm_cost(getattr(attn, "norm", None), a) + linear_cost(attn.proj)
+    return c, a, norm_cost(getattr(attn, "q_norm", None), a), norm_cost(getattr(attn, "k_norm", None), a), outputs
+
+
+def global_attention_cost(block: TimmAdapter, hw: Tuple[int, int], num_extra: int) -> BlockCost:
+    """A pre-norm block with global attention (timm's ``Attention``, EVA's, Hiera's): fixed is
+    ``norm1`` of the context, the k and v projections and the k norm; per query everything
+    else (softmax, GELU, rotations, layer scales: 0). The vanilla block norms each token once,
+    where the DGE form norms queries and context apart (``vanilla_delta``)."""
+    n = math.prod(hw) + num_extra
+    c, a, q_norm, k_norm, outputs = _attention_parts(block)
+    norm1 = norm_cost(block.norm1, c)
+    fixed = n * (norm1 + 2 * c * a + k_norm)
+    per_query = norm1 + c * a + q_norm + 2.0 * n * a + outputs
+    return BlockCost(fixed, per_query + norm_cost(block.norm2, c) + linear_cost(block.mlp), -n * norm1)
+
+
+def windowed_attention_cost(block: TimmAdapter, hw: Tuple[int, int], window: Tuple[int, int],
+                            rel: Tuple[float, float] = (0.0, 0.0), pre_norm: bool = True) -> BlockCost:
+    """A block attending in Wh×Ww windows of its zero-padded map (SAM, Swin, Hiera). Both
+    forms project keys and values and attend over every slot of the padded windows (fixed);
+    the vanilla block also projects its padding tokens' queries and outputs, which the DGE
+    form skips (``vanilla_delta``). ``rel``: relative-position multiply-adds per slot of the
+    (vanilla, DGE) form. ``pre_norm``: ``norm1`` before attention (its context norm fixed;
+    the vanilla block norms each token once), else after it (Swin v2: per query only)."""
+    n, slots = math.prod(hw), window[0] * window[1]
+    padded = math.prod(-(-s // w) * w for s, w in zip(hw, window))
+    c, a, q_norm, k_norm, outputs = _attention_parts(block)
+    norm1 = norm_cost(block.norm1, c)
+    fixed = padded * (2 * c * a + q_norm + k_norm + 2.0 * slots * a + rel[1]) + (n * norm1 if pre_norm else 0.0)
+    per_query = norm1 + c * a + outputs + norm_cost(block.norm2, c) + linear_cost(block.mlp)
+    delta = (padded - n) * (c * a + outputs) + padded * (rel[0] - rel[1]) - (n * norm1 if pre_norm else 0.0)
+    return BlockCost(fixed, per_query, delta)

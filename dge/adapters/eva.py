@@ -17,7 +17,7 @@ from timm.layers import RotaryEmbeddingCat, apply_rot_embed_cat
 from timm.models.eva import EvaAttention, EvaBlock
 from torch import nn
 
-from dge.layers import BlockCall, DGEOptions
+from dge.layers import BlockCall, BlockCost, DGEOptions
 from dge.layers.kernels import attend
 
 from .base import Stage, TimmAdapter, global_attention_cost, project_qkv, refuse_mask, register_adapter, split_heads
@@ -70,7 +70,7 @@ class EvaAdapter(TimmAdapter):
         gamma = getattr(self, f"gamma_{i}", None)
         return x if gamma is None else gamma * x
 
-    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
+    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> BlockCost:
         return global_attention_cost(self, hw, num_extra)
 
 

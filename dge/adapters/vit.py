@@ -7,6 +7,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
+from dge.layers import BlockCost
 from dge.layers.kernels import attend
 
 from .base import TimmAdapter, global_attention_cost, project_qkv, register_adapter, split_heads
@@ -26,5 +27,5 @@ class ViTAdapter(TimmAdapter):
         x = attend(q, k, v, rows, attn.attn_drop.p if self.training else 0.0)
         return attn.proj_drop(attn.proj(attn.norm(x)))
 
-    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> Tuple[float, float]:
+    def complexity(self, hw: Tuple[int, int], num_extra: int = 0) -> BlockCost:
         return global_attention_cost(self, hw, num_extra)

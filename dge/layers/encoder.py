@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .grained import (
     PatchPooler,
+    QueryMap,
     StaticLayout,
     gather_queries,
     pack_queries,
@@ -175,7 +176,7 @@ class DynamicGrainedEncoder(nn.Module):
         if callable(granularity_map):
             granularity_map = torch.as_tensor(granularity_map((hr, wr)), device=self._phi.device)
             if granularity_map.dim() == 2:
-                granularity_map = granularity_map.expand(batch, hr, wr)
+                granularity_map = granularity_map.expand(batch, hr, wr).contiguous()
         if tuple(granularity_map.shape) != (batch, hr, wr):
             raise ValueError(
                 f"granularity_map must have shape [B, Hr, Wr] = {[batch, hr, wr]}; "
@@ -284,7 +285,14 @@ class DynamicGrainedEncoder(nn.Module):
         centers = layout.token_centers.expand(b, -1, -1)  # float32 in any dtype (positions)
         if e:
             centers = torch.cat([centers.new_zeros(b, e, 2), centers], dim=1)
-        return run(x, x, hw, centers)
+        return run(x, x, hw, centers, **self._map_args(layout, None, b))
+
+    def _map_args(self, layout: StaticLayout, packing, batch: int) -> dict:
+        """``query_map=`` for a block whose work needs the dense map of its queries
+        (``uses_query_map``), else nothing."""
+        if not getattr(self.block, "uses_query_map", False):
+            return {}
+        return {"query_map": QueryMap(layout, packing, batch, self.granularities)}
 
     def _check_capture(self, batch: int, layout: StaticLayout) -> None:
         """What a graph capture of this block cannot take (eager runs it all)."""
@@ -329,7 +337,8 @@ class DynamicGrainedEncoder(nn.Module):
             return shortcut, packing.num_queries
         # Packed rows of all images (each image's extra tokens, then its queries).
         queries, centers = gather_queries(packing, query_sources(x, pooled, self.granularities))
-        y = run(queries[None], x, hw, centers[None], packing.rows if b > 1 else None)[0]
+        rows = packing.rows if b > 1 else None
+        y = run(queries[None], x, hw, centers[None], rows, **self._map_args(layout, packing, b))[0]
         extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
         # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
         delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
@@ -359,17 +368,26 @@ class DynamicGrainedEncoder(nn.Module):
                 packing = pack_queries(layout, torch.full_like(choice, k))
                 queries, centers = gather_queries(packing, sources)
                 parts.append((k, packing, queries.view(b, -1, c), centers.view(b, -1, 2)))
-        # The block sees each image's extra tokens once, then every granularity's queries.
-        queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
-        centers = torch.cat([parts[0][3].new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
-        y = run(queries, x, hw, centers)
-        deltas = (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
+        y, deltas = self._run_granularities(parts, x, hw, layout, run)
         out = x[:, e:]
         for (k, packing, _, _), delta in zip(parts, deltas):
             weight = gate[..., k].reshape(-1).index_select(0, packing.query_regions()).view(b, -1, 1)
             delta = torch.cat([delta.new_zeros(b, e, c), delta], dim=1) if e else delta  # rows of the extra tokens
             out = unpack_tokens(out, delta * weight, packing)
         return torch.cat([y[:, :e], out], dim=1) if e else out
+
+    def _run_granularities(self, parts, x, hw, layout: StaticLayout, run):
+        """(the block's output [B, E + ..., C], each granularity's query updates [B, M_k, C]): in
+        one call that sees each image's extra tokens once, then every granularity's queries; or,
+        for a block that needs the dense map of its queries, one call per granularity."""
+        b, e = x.shape[0], self.num_extra_tokens
+        if getattr(self.block, "uses_query_map", False):
+            ys = [run(q, x, hw, ct, **self._map_args(layout, packing, b)) for _, packing, q, ct in parts]
+            return ys[0], [(y - q)[:, e:] for y, (_, _, q, _) in zip(ys, parts)]
+        queries = torch.cat([x[:, :e]] + [q[:, e:] for _, _, q, _ in parts], dim=1)
+        centers = torch.cat([parts[0][3].new_zeros(b, e, 2)] + [ct[:, e:] for _, _, _, ct in parts], dim=1)
+        y = run(queries, x, hw, centers)
+        return y, (y - queries)[:, e:].split([q.shape[1] - e for _, _, q, _ in parts], dim=1)
 
 
 # FX (timm's feature extraction, ``torch.fx``) treats DGE blocks as leaves: their routing and

