@@ -29,7 +29,8 @@ import argparse
 import json
 
 import dge  # noqa: F401
-from dge.analysis.benchmark import BenchmarkSpec, run_benchmark, run_in_processes, timm_benchmark
+from dge.analysis.benchmark import BenchmarkSpec, run_benchmark, run_in_processes
+from dge.analysis.timm_benchmark import TimmSpec, run_timm_in_processes, timm_benchmark
 from dge.analysis.latency import PRECISIONS, RUNTIMES
 
 
@@ -38,8 +39,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", default="configs/mask_rcnn_pvt_s_dge_1x.yaml")
     parser.add_argument(
         "--timm-model",
-        help="a timm ViT, against itself patched by dge.patch (forward_features, at each --batch); a plain ViT "
-        "also runs routing-free: its DGE blocks on the same query counts without routing",
+        help="a timm model (ViT, EVA, SAM, Swin, PVT v2, Hiera, SAM 2's Hiera), against itself patched by "
+        "dge.patch (forward_features, at each --batch), with its routing-free floor: its DGE blocks on the "
+        "same query counts without routing",
+    )
+    parser.add_argument("--granularities", type=int, nargs="+", help="Φ of the patched timm model (default 1 2 4)")
+    parser.add_argument(
+        "--fit-windows", action="store_true",
+        help="patched timm model: each block the largest region size that tiles its window (SAM 2's Hiera)",
     )
     parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
@@ -88,7 +95,12 @@ def main(argv=None):
     )
     say = lambda line: print(line, flush=True)  # noqa: E731
     if args.timm_model:
-        results = timm_benchmark(args.timm_model, spec.sizes, spec.batch, args.target_beta, args.runs, args.warmup, say)
+        timm_spec = TimmSpec(
+            args.timm_model, spec.sizes, spec.batch, args.target_beta, args.runs, args.warmup,
+            {"granularities": tuple(args.granularities)} if args.granularities else {}, args.fit_windows,
+        )
+        results = (run_timm_in_processes(timm_spec, args.processes, say) if args.processes > 1
+                   else timm_benchmark(timm_spec, say))
     elif args.processes > 1:
         results = run_in_processes(spec, args.processes, say)
     else:

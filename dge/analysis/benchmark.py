@@ -3,7 +3,6 @@ step, interleaved in one process (``run_benchmark``), repeated in fresh processe
 (``run_in_processes``), and peak memory per case in a fresh process (``cpu_peak_memory``).
 ``tools/benchmark.py`` is the command line over these."""
 import concurrent.futures
-import copy
 import gc
 import multiprocessing
 import resource
@@ -12,16 +11,11 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import timm
 import torch
-from timm.data import resolve_data_config
-from torch import nn
 
 from ..config import load_config
 from ..layers import complexity_report, record_routing
-from ..adapters import patch
-from ..adapters.vit import ViTAdapter
-from ..layers.calibration import calibrate, randomize_routers, set_logit_offset
+from ..layers.calibration import calibrate, set_logit_offset
 from .latency import (
     build_models,
     case_functions,
@@ -39,8 +33,6 @@ from .latency import (
 __all__ = [
     "BenchmarkSpec",
     "run_benchmark",
-    "timm_benchmark",
-    "routing_free",
     "run_in_processes",
     "cpu_peak_memory",
     "summarise_processes",
@@ -248,76 +240,3 @@ def cpu_peak_memory(spec: BenchmarkSpec, what: str, variant: str, offset: Option
         return {"peak_rss_mb": round(peak, 1), "rss_increase_mb": round(peak - before, 1)}
     lifetime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"process_peak_rss_mb (includes building the models)": round(lifetime, 1)}
-
-
-def timm_benchmark(name: str, sizes: Sequence[Tuple[int, int]], batches: Sequence[int] = (1,),
-                   target_beta: float = 0.5, runs: int = 7, warmup: int = 2, say=print) -> dict:
-    """timm model ``name`` (random weights) against itself patched by ``dge.patch``: same
-    weights but the routers (re-initialised, calibrated to ``target_beta`` on the photographs),
-    ``forward_features`` per size and batch, interleaved in this process. A plain ViT also
-    runs "routing_free" (``routing_free``): DGE's latency without its routing."""
-    results = {"timm_model": name, "threads": torch.get_num_threads(), "cases": []}
-    for hw in sizes:
-        torch.manual_seed(0)
-        vanilla = timm.create_model(name, img_size=tuple(hw), num_classes=0).eval()
-        patched = patch(copy.deepcopy(vanilla))
-        randomize_routers(patched, seed=0)
-        for batch in batches:
-            row = _timm_case(vanilla, patched, hw, batch, target_beta, runs, warmup)
-            floor = f", routing-free {row['routing_free_ratio']}" if "routing_free_ratio" in row else ""
-            say(f"{name} {hw[0]}x{hw[1]} batch {batch}: β {row['beta']}, DGE / vanilla {row['ratio']} "
-                f"({row['dge']['median_ms']:.1f} / {row['vanilla']['median_ms']:.1f} ms){floor}")
-            results["cases"].append(row)
-    return results
-
-
-def _timm_case(vanilla, patched, hw, batch: int, target_beta: float, runs: int, warmup: int) -> dict:
-    data = resolve_data_config(model=vanilla)
-    mean, std = (torch.tensor(data[k]).view(1, 3, 1, 1) * 255 for k in ("mean", "std"))
-    x = (photos(batch, hw, "cpu") - mean) / std
-    with torch.inference_mode():
-        calibrate(patched, lambda: patched.forward_features(x), target_beta)
-        with record_routing() as record:
-            patched.forward_features(x)
-        cases = {"vanilla": lambda: vanilla.forward_features(x), "dge": lambda: patched.forward_features(x)}
-        floor = routing_free(patched, record)
-        if floor is not None:
-            cases["routing_free"] = lambda: floor.forward_features(x)
-        samples = timed_interleaved(cases, runs, warmup)
-    row = {k: {"median_ms": round(statistics.median(v), 2)} for k, v in samples.items()}
-    row.update(size=list(hw), batch=batch, beta=round(complexity_report(record, patched).beta.mean().item(), 4))
-    for k in ("dge", "routing_free"):
-        if k in row:
-            key = "ratio" if k == "dge" else f"{k}_ratio"
-            row[key] = round(row[k]["median_ms"] / row["vanilla"]["median_ms"], 4)
-    return row
-
-
-class _LeadingQueries(nn.Module):
-    """A patched timm block whose queries are its first ``m`` tokens of every image: its
-    ``forward_queries`` against all tokens, the other tokens passed through unchanged."""
-
-    def __init__(self, dge_block: nn.Module, m: int):
-        super().__init__()
-        self.dge_block, self.m = dge_block, m
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block = self.dge_block.block
-        y = block.forward_queries(x[:, : self.m], x, block.grid.read())
-        return torch.cat([y, x[:, self.m:]], dim=1)
-
-
-def routing_free(patched: nn.Module, record) -> Optional[nn.Module]:
-    """The patched plain ViT ``patched`` (``ViTAdapter`` blocks: no rotary table, no windows)
-    with each DGE block running the mean query count per image that ``record`` holds for it,
-    taken as the leading tokens: the blocks' work on those queries without the router,
-    pooling, gathering or scattering, the floor of DGE's latency at that routing. A copy
-    that shares every module (``patched`` is unchanged); None for other models."""
-    blocks = list(patched.blocks)
-    if not all(isinstance(b.block, ViTAdapter) for b in blocks) or len(record) != len(blocks):
-        return None
-    counts = [round(info.num_queries.float().mean().item()) + b.num_extra_tokens for b, info in record]
-    floor = copy.copy(patched)
-    floor._modules = dict(patched._modules)  # its own module table: setting blocks leaves patched's
-    floor.blocks = nn.Sequential(*[_LeadingQueries(b, m) for b, m in zip(blocks, counts)])
-    return floor

@@ -1,18 +1,17 @@
 """tools/benchmark.py: router calibration reaches the target β, and the report says what ran."""
+import copy
 import json
 import os
-
-import copy
 
 import pytest
 import timm
 import torch
-from model_helpers import recorded, routed_patched_model
+from model_helpers import TimmCase, recorded
 
 import benchmark
 import dge
-from dge.analysis.benchmark import routing_free
-from dge.layers import DynamicGrainedEncoder, force_granularity
+from dge.analysis.timm_benchmark import routing_free
+from dge.layers import force_granularity
 from repo import ROOT
 
 CONFIG = os.path.join(ROOT, "configs", "demo_pvt_dge_synthetic.yaml")
@@ -81,17 +80,37 @@ def test_routing_free_runs_the_recorded_query_counts_and_leaves_the_model_alone(
     with torch.no_grad():
         with force_granularity(patched, 1):  # every token a query: the vanilla blocks
             _, record = recorded(patched.forward_features, x)
-        floor = routing_free(patched, record)
-        assert torch.allclose(floor.forward_features(x), vanilla.forward_features(x), atol=1e-5)
+        with routing_free(patched, record):
+            assert torch.allclose(patched.forward_features(x), vanilla.forward_features(x), atol=1e-5)
         with force_granularity(patched, 4):  # 4×8 tokens, two 4×4 patches: 2 queries, the class token
             _, record = recorded(patched.forward_features, x)
-        floor = routing_free(patched, record)
-        assert [b.m for b in floor.blocks] == [3, 3, 3]
         hidden = torch.randn(2, 1 + 32, 192)
-        out = floor.blocks[0](hidden)  # the 3 leading tokens updated, the others passed through
+        with routing_free(patched, record):
+            assert [b.forward.m for b in patched.blocks] == [3, 3, 3]
+            out = patched.blocks[0](hidden)  # the 3 leading tokens updated, the others passed through
         assert torch.equal(out[:, 3:], hidden[:, 3:]) and not torch.allclose(out[:, :3], hidden[:, :3])
-    assert all(isinstance(b, DynamicGrainedEncoder) for b in patched.blocks)  # the patched model is unchanged
-    sam, x = routed_patched_model("sam", 1)
+        assert "forward" not in vars(patched.blocks[0])  # the patched model is as it was
+        assert torch.equal(patched.blocks[0](hidden), patched.blocks[0](hidden))
+
+
+KINDS = {  # windows (SAM, Swin's rolled maps), a map's convolution (PVT v2), unrolled tokens (Hiera)
+    "sam": TimmCase("samvit_base_patch16", dict(img_size=(176, 240), window_size=4, depth=2, global_attn_indexes=[1],
+                                                embed_dim=64, num_heads=2), (176, 240)),
+    "swin": TimmCase("swin_tiny_patch4_window7_224", dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=8,
+                                                          img_size=(76, 84)), (76, 84)),
+    "pvt_v2": TimmCase("pvt_v2_b0", dict(depths=(1, 1, 1, 1))),
+    "hiera": TimmCase("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), img_size=(128, 128)),
+                      (128, 128)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KINDS))
+def test_routing_free_is_the_untouched_model_at_all_fine_routing_for_every_kind_of_block(case):
+    model, x = KINDS[case].build()
     with torch.no_grad():
-        _, record = recorded(sam.forward_features, x)
-    assert routing_free(sam, record) is None  # windows: no leading-token floor
+        reference = model.forward_features(x)
+        dge.patch(model)
+        with force_granularity(model, 1):
+            _, record = recorded(model.forward_features, x)
+        with routing_free(model, record):
+            assert torch.allclose(model.forward_features(x), reference, atol=1e-5)
