@@ -39,7 +39,7 @@ def test_pyramid_levels_have_the_detectron2_sizes():
 @pytest.mark.parametrize("opts, message", [
     (["MODEL.VIT.SIZE", "gigantic"], "MODEL.VIT.SIZE must be one of"),
     (["MODEL.VIT.GLOBAL_BLOCKS", [2, 6]], "must index blocks 0..5"),
-    (["MODEL.VIT.WINDOW_SIZE", 6], "region size 4 does not divide block 0's window size 6"),
+    (["MODEL.VIT.WINDOW_SIZE", 6], "region size 4 does not divide block 0's window 6x6"),
 ])
 def test_bad_vit_configs_are_rejected_with_a_clear_error(opts, message):
     with pytest.raises(ValueError, match=message):
