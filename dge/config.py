@@ -12,7 +12,8 @@ _DGE, _BUDGET = DGEOptions(), BudgetLoss()  # the DGE defaults' one home
 
 
 def add_dge_config(cfg: CN) -> CN:
-    """Add the MODEL.PVT, MODEL.DGE, SOLVER, INPUT and DATALOADER keys to ``cfg`` (in place) and return it."""
+    """Add the MODEL.PVT, MODEL.VIT, MODEL.TIMM, MODEL.DGE, SOLVER, INPUT and DATALOADER keys to
+    ``cfg`` (in place) and return it."""
     _add_backbone_keys(cfg)
     _add_dge_keys(cfg)
     _add_training_keys(cfg)
@@ -50,6 +51,17 @@ def _add_backbone_keys(cfg: CN) -> None:
     cfg.MODEL.VIT.DROP_PATH_RATE = 0.1
     # Per-channel layer scales in every block (DeiT III and DINOv2 checkpoints carry them).
     cfg.MODEL.VIT.LAYER_SCALE = False
+    cfg.MODEL.TIMM = CN()  # any timm model (build_timm_backbone / build_timm_fpn_backbone)
+    # timm model name, e.g. "swin_tiny_patch4_window7_224", "pvt_v2_b2", "sam2_hiera_base_plus".
+    cfg.MODEL.TIMM.NAME = "pvt_v2_b2"
+    # Maps taken (indices into the model's feature_info: stages, or blocks of a plain ViT), named res{log2 stride}.
+    cfg.MODEL.TIMM.OUT_INDICES = [0, 1, 2, 3]
+    # Stochastic depth rate of the timm model.
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.1
+    # Other keyword arguments of timm.create_model, e.g. {dynamic_img_size: True} for Swin and ViTs.
+    cfg.MODEL.TIMM.KWARGS = CN(new_allowed=True)
+    # Each DGE block gets the largest region size that tiles its window (dge.adapters.fit_to_windows; SAM 2).
+    cfg.MODEL.TIMM.FIT_WINDOWS = False
     # Load MODEL.WEIGHTS giving the backbone < 10% of its tensors or trained under other Φ / S / routing (else an error).
     cfg.MODEL.ALLOW_PARTIAL_WEIGHTS = False
 
@@ -122,11 +134,24 @@ def _all_keys(cfg: CN, prefix: str = "") -> list:
     return keys
 
 
+def _add_open_keys(cfg: CN, opts: Sequence[str]) -> None:
+    """KEY VALUE pairs under a node that takes new keys (MODEL.TIMM.KWARGS): added, as a file
+    adds them (yacs' ``merge_from_list`` only sets existing keys)."""
+    for key, value in zip(opts[0::2], opts[1::2]):
+        parent_key, _, leaf = str(key).rpartition(".")
+        parent = cfg
+        for part in parent_key.split(".") if parent_key else []:
+            parent = parent.get(part) if isinstance(parent, CN) else None
+        if isinstance(parent, CN) and parent.is_new_allowed() and leaf not in parent:
+            parent[leaf] = CN._decode_cfg_value(value)
+
+
 def merge_config(cfg: CN, config_file: str, opts: Sequence[str] = ()) -> CN:
     """``cfg.merge_from_file`` + ``merge_from_list``, where a misspelt key raises a KeyError
     that names it and suggests the closest existing keys."""
     try:
         cfg.merge_from_file(config_file)
+        _add_open_keys(cfg, opts)
         cfg.merge_from_list(list(opts))
     except (KeyError, AssertionError) as e:
         match = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))

@@ -5,7 +5,7 @@ blocks over the zero-padded map, a few global blocks, decomposed relative positi
 absolute position embedding) without SAM's neck. With MODEL.DGE.ENABLED its blocks are DGE
 blocks (``dge.patch``): each pooled query attends to its window's keys.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import timm
 import torch
@@ -49,18 +49,29 @@ def _scale_stage(dim: int, scale: float) -> nn.Module:
 
 
 class SimpleFeaturePyramid(Backbone):
-    """p2..p5 from the ViT's last (stride-16) map rescaled by 4, 2, 1 and 1/2, each followed by
-    a 1×1 and a 3×3 conv with LayerNorm, and p6 by max pooling p5 (ViTDet, Fig. 2c).
+    """p2..p5 from a plain ViT's last (stride-16) map rescaled by 4, 2, 1 and 1/2, each followed
+    by a 1×1 and a 3×3 conv with LayerNorm, and p6 by max pooling p5 (ViTDet, Fig. 2c).
 
     Args:
-        vit: a timm ``VisionTransformerSAM`` without neck (``neck_chans=0``), patch size 16.
+        bottom_up: a timm ``VisionTransformerSAM`` without neck (``neck_chans=0``), patch size
+            16, read through ``forward_features``; or a detectron2 ``Backbone`` whose output
+            ``in_feature`` is the map (``TimmBackbone`` over a plain ViT).
         out_channels: channels of every level.
+        in_feature: the output of a ``Backbone`` ``bottom_up``; None for a ViT.
     """
 
-    def __init__(self, vit: nn.Module, out_channels: int = 256):
+    def __init__(self, bottom_up: nn.Module, out_channels: int = 256, in_feature: Optional[str] = None):
         super().__init__()
-        self.bottom_up = vit  # FPN's name for the network it reads, which tools look for
-        dim, stride = vit.embed_dim, vit.patch_embed.patch_size[0]
+        self.bottom_up = bottom_up  # FPN's name for the network it reads, which tools look for
+        self.in_feature = in_feature
+        if in_feature is None:
+            dim, stride = bottom_up.embed_dim, bottom_up.patch_embed.patch_size[0]
+        else:
+            shape = bottom_up.output_shape()[in_feature]
+            dim, stride = shape.channels, shape.stride
+        if stride % 4:
+            raise ValueError(f"the simple feature pyramid rescales a map by 4 ... 1/2; its stride {stride} is not a "
+                             "multiple of 4")
         self.stages = nn.ModuleList()
         for scale in (4.0, 2.0, 1.0, 0.5):
             width = {4.0: dim // 4, 2.0: dim // 2}.get(scale, dim)
@@ -89,7 +100,10 @@ class SimpleFeaturePyramid(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x: [B, 3, H, W] (H, W multiples of 32) -> {"p2": [B, C, H/4, W/4], ..., "p6"}."""
         check_input_size(x, self.size_divisibility, type(self).__name__)
-        features = self.bottom_up.forward_features(x)  # [B, D, H/16, W/16]
+        if self.in_feature is None:
+            features = self.bottom_up.forward_features(x)  # [B, D, H/16, W/16]
+        else:
+            features = self.bottom_up(x)[self.in_feature]
         outputs = {name: stage(features) for name, stage in zip(PYRAMID_NAMES, self.stages)}
         outputs["p6"] = self.top_block(outputs["p5"])[0]
         return outputs

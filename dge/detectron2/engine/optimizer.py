@@ -18,10 +18,14 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.modul
 
 
 def no_weight_decay_params(model: nn.Module) -> set:
-    """Names of the parameters that must not decay."""
+    """Names of the parameters that must not decay: norms, position embeddings, class tokens,
+    router biases, and what a timm model's ``no_weight_decay()`` names (Swin's relative
+    position tables, Swin v2's position MLP and logit scales)."""
     names = set()
     for module_name, module in model.named_modules():
         prefix = module_name + "." if module_name else ""
+        if callable(getattr(module, "no_weight_decay", None)):
+            names |= {prefix + n for n in module.no_weight_decay()}
         for name, _ in module.named_parameters(recurse=False):
             full = prefix + name
             if isinstance(module, _NORMS) or "norm" in type(module).__name__.lower():
