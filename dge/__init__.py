@@ -32,7 +32,7 @@ from .layers import (
     set_budget_offsets,
     use_budget,
 )
-from .models import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict
+from .models import checkpoint_filter_fn, convert_deit_state_dict, convert_pvt_state_dict, convert_timm_state_dict
 
 __version__ = "0.2.0.dev0"
 
@@ -112,6 +112,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "convert_pvt_state_dict",
     "convert_deit_state_dict",
+    "convert_timm_state_dict",
     # export
     "export_module",
     "ExportedModel",

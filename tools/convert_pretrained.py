@@ -5,7 +5,9 @@
 Sources: official PVT v1 classification checkpoints (whai362/PVT: pvt_tiny.pth ...
 pvt_large.pth), vtpack's PVT / PVT+DGE / DPVT / DeiT(+DGE) checkpoints and timm / official
 DeiT checkpoints (their fused ``attn.qkv`` is split into ``attn.q`` and ``attn.kv``); timm
-ViT checkpoints (MAE, DeiT III, DINOv2) for a ViTDet config's plain ViT.
+ViT checkpoints (MAE, DeiT III, DINOv2) for a ViTDet config's plain ViT; any timm model's
+checkpoint (timm's files or the authors' releases of Swin, PVT v2, Hiera ...) for a config of
+the timm backbone, through the model module's own ``checkpoint_filter_fn``.
 
     # detectron2: the bottom-up backbone of a config (its position-embedding grid, Φ, ...)
     python tools/convert_pretrained.py pvt_small.pth pvt_small_d2.pth --config-file configs/mask_rcnn_pvt_s_1x.yaml
@@ -14,6 +16,8 @@ ViT checkpoints (MAE, DeiT III, DINOv2) for a ViTDet config's plain ViT.
     python tools/convert_pretrained.py deit_small.pth deit_small_dge.pth --model deit_small_dge --format timm
     # detectron2: a timm ViT-B (e.g. MAE's) for the ViTDet-style Mask R-CNN
     python tools/convert_pretrained.py mae_base.pth vitdet_b_d2.pth --config-file configs/mask_rcnn_vitdet_b_dge_1x.yaml
+    # detectron2: Swin-T (timm's file or Microsoft's swin_tiny_patch4_window7_224.pth) for the timm backbone
+    python tools/convert_pretrained.py swin_tiny.pth swin_t_d2.pth --config-file configs/mask_rcnn_swin_t_dge_1x.yaml
 
 Keys the target does not use (classifier, class token of a detection backbone, ...) are
 listed with the reason; keys the target lacks or the checkpoint lacks are listed and make
@@ -32,9 +36,9 @@ import torch
 import timm
 from torch import nn
 
-import dge
-from dge.detectron2 import backbone as d2, vitdet
-from dge.models import convert
+import dge  # noqa: F401  (registers the timm models pvt_*, dpvt_*, deit_*)
+from dge.detectron2 import backbone as d2, timm_backbone, vitdet
+from dge.models import convert, convert_timm_state_dict
 from dge.detectron2.engine import setup_dge_logger
 
 logger = logging.getLogger("dge.convert_pretrained")
@@ -57,15 +61,15 @@ def checkpoint_img_size(state_dict, family: str) -> Optional[int]:
 def build_target(args, state_dict) -> Tuple[nn.Module, str]:
     """The model whose names the checkpoint is converted to, and its family ("pvt" or "deit")."""
     if args.config_file:
-        from detectron2.config import get_cfg
         from detectron2.layers import ShapeSpec
 
-        cfg = get_cfg()
-        dge.add_dge_config(cfg)
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
+        from dge.config import load_config
+
+        cfg = load_config(args.config_file, args.opts)
         if cfg.MODEL.BACKBONE.NAME == "build_vitdet_backbone":
             return vitdet.vit_from_config(cfg), "vitdet"
+        if cfg.MODEL.BACKBONE.NAME in ("build_timm_backbone", "build_timm_fpn_backbone"):
+            return timm_backbone.build_timm_backbone(cfg, ShapeSpec(channels=3)).model, "timm"
         return d2.build_pvt_backbone(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))), "pvt"
     name = args.model
     family = "deit" if name.startswith("deit") else "pvt"
@@ -87,7 +91,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("source", help="checkpoint to convert (.pth)")
     parser.add_argument("output", help="file to write (.pth)")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--config-file", help="detectron2 config: convert for its PVT / DPVT (+DGE) backbone")
+    target.add_argument(
+        "--config-file", help="detectron2 config: convert for its backbone (PVT / DPVT, ViTDet, timm; DGE or not)"
+    )
     target.add_argument("--model", help="timm model name, e.g. pvt_small, pvt_small_dge, dpvt_small, deit_small_dge")
     parser.add_argument("--format", choices=("d2", "timm"), default="d2", help="output layout (default d2)")
     parser.add_argument(
@@ -95,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument(
         "--prefix", default="backbone.bottom_up.",
-        help="key prefix of d2 files (default: the FPN's or simple pyramid's bottom_up)",
+        help="key prefix of d2 files (default: the FPN's or simple pyramid's bottom_up; a timm backbone adds model.)",
     )
     parser.add_argument(
         "--allow-mismatch", action="store_true", help="write the file despite missing / unexpected keys"
@@ -107,8 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     state_dict = convert.unwrap_checkpoint(torch.load(args.source, map_location="cpu", weights_only=True))
     model, family = build_target(args, state_dict)
-    convert_fn = {"deit": convert.convert_deit_state_dict, "vitdet": convert.convert_vitdet_state_dict}.get(
-        family, convert.convert_pvt_state_dict)
+    convert_fn = {"deit": convert.convert_deit_state_dict, "vitdet": convert.convert_vitdet_state_dict,
+                  "timm": convert_timm_state_dict}.get(family, convert.convert_pvt_state_dict)
     try:
         conversion = convert_fn(state_dict, model)
     except ValueError as e:
@@ -125,8 +131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.format == "d2":
+        prefix = args.prefix + ("model." if family == "timm" else "")  # TimmBackbone keeps the timm model as .model
         payload = {
-            "model": {args.prefix + k: v for k, v in conversion.state_dict.items()},
+            "model": {prefix + k: v for k, v in conversion.state_dict.items()},
             "__author__": f"dge tools/convert_pretrained.py ({conversion.source})",
             "matching_heuristics": False,
         }
