@@ -9,6 +9,7 @@ import copy
 import functools
 
 import pytest
+import timm
 import torch
 
 import dge
@@ -16,8 +17,8 @@ from dge.adapters import model_stages
 from dge.layers.calibration import calibrate, randomize_routers, set_logit_offset
 from dge.analysis.flop_count import FlopCountAnalysis
 from dge.analysis.syncs import count_host_reads
-from dge.layers import complexity_report
-from model_helpers import TimmCase, forced_routing, granularity_maps, max_diff, recorded
+from dge.layers import complexity_report, dge_modules
+from model_helpers import TimmCase, forced_routing, fx_extractor, granularity_maps, max_diff, recorded
 
 
 SWIN = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), img_size=(76, 84))  # 19×21 then 10×11 tokens
@@ -44,8 +45,8 @@ FAMILIES = {
     # of 8 and 4, a global block; it takes maps that its windows divide); stage transitions kept dense
     "hiera": TimmCase("hiera_tiny_224", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), img_size=(128, 128)),
                       (128, 128)),
-    "sam2_hiera": TimmCase("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1), global_att_blocks=(4,),
-                                                   window_spec=(8, 4, 4, 2)), (128, 160)),
+    "sam2_hiera": TimmCase("sam2_hiera_tiny", dict(embed_dim=32, num_heads=1, stages=(1, 2, 2, 1),
+                                                   global_att_blocks=(4,), window_spec=(8, 4, 4, 2)), (128, 160)),
 }
 CASES = sorted(FAMILIES)
 
@@ -177,6 +178,33 @@ def test_half_precision_keeps_float32s_beta_under_the_same_routing(case, dtype):
         finite = bool(torch.isfinite(untouched.to(dtype).forward_features(x.to(dtype))).all())
     error = (y.float() - y32).norm() / y32.norm()  # where the untouched model is finite in dtype (timm's
     assert error < (0.01 if dtype == torch.float16 else 0.05) or not finite, error  # Swin v2: not in fp16)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_timms_model_contract_holds_when_patched(case):
+    """timm's contract, patched as unpatched: ``forward_intermediates`` gives ``feature_info``'s
+    maps and ``forward_features``; a ``features_only`` model patches (every block) and gives
+    its own maps at all-fine routing; an FX trace (DGE blocks are leaves) is the eager model; training reaches
+    every parameter, the routers included."""
+    model, x = routed(case)
+    name, kwargs = FAMILIES[case].name, FAMILIES[case].kwargs
+    info = model.feature_info
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x[:1])
+        assert torch.equal(final, model.forward_features(x[:1]))
+        assert [m.shape[1] for m in maps] == [f["num_chs"] for f in info] and len(maps) == len(info)
+        traced = torch.cat(tuple(fx_extractor(model)(x[:1]).values()))
+        assert torch.equal(traced, model(x[:1]))
+        extractor = timm.create_model(name, features_only=True, out_indices=tuple(range(len(info))), **kwargs).eval()
+        reference = extractor(x[:1])
+        dge.patch(extractor, FAMILIES[case].options)
+        with dge.force_granularity(extractor, 1):
+            fine = extractor(x[:1])
+    assert len(dge_modules(extractor)) == num_blocks(model) and len(fine) == len(reference)
+    assert max(max_diff(a, b) for a, b in zip(fine, reference)) <= 1e-5
+    model.train()
+    model(x).float().logsumexp(dim=-1).mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
 def test_every_registered_adapter_has_a_case():

@@ -1,5 +1,6 @@
 """Helpers of the model tests: timm DGE models with routers that route by content; a call
 and its routing."""
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
@@ -118,13 +119,18 @@ def recorded(module: torch.nn.Module, *args, **kwargs):
 
 
 def fx_extractor(model):
-    """timm's ``_create_fx_model``: a symbolic trace with timm's leaf modules and functions."""
+    """timm's ``_create_fx_model``: a symbolic trace with timm's leaf modules and functions. Optional
+    inputs (Hiera's ``mask``, ViT's ``attn_mask`` and ``is_causal``) are traced at their defaults, as a
+    plain call passes them."""
     tracer_kwargs = dict(
         leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
     )
-    train, evaluation = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    params = inspect.signature(model.forward).parameters.values()
+    optional = {p.name: p.default for p in params if p.default is not p.empty}
+    train, evaluation = get_graph_node_names(model, tracer_kwargs=tracer_kwargs, concrete_args=optional)
     return create_feature_extractor(
-        model, train_return_nodes=[train[-1]], eval_return_nodes=[evaluation[-1]], tracer_kwargs=tracer_kwargs
+        model, train_return_nodes=[train[-1]], eval_return_nodes=[evaluation[-1]], tracer_kwargs=tracer_kwargs,
+        concrete_args=optional,
     )
 
 
