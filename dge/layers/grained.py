@@ -391,7 +391,8 @@ class QueryMap:
 
     def from_map(self, dense: torch.Tensor) -> torch.Tensor:
         """A map [B, H*W, D] -> [T, D]: the rows of the call's queries, in its order."""
-        full = F.pad(dense, (0, 0, self.layout.num_extra, 0))
+        e = self.layout.num_extra
+        full = F.pad(dense, (0, 0, e, 0)) if e else dense  # (a pad by 0 would copy the map)
         if self.packing is None:
             return full.reshape(-1, dense.shape[-1])
         sources = query_sources(full, PatchPooler(dense, self.layout), self.granularities)
