@@ -48,6 +48,11 @@ def get_parser() -> argparse.ArgumentParser:
         "--fit-windows", action="store_true",
         help="patched timm model: each block the largest region size that tiles its window (SAM 2's Hiera)",
     )
+    parser.add_argument(
+        "--breakdown", action="store_true",
+        help="timm model: also time vanilla's leaf modules; the share of its time that DGE blocks run on queries "
+             "only, and the ratio if only that share shrank with the queries (dge.analysis.time_shares)",
+    )
     parser.add_argument("--sizes", nargs="+", default=["800x1280"], help="HxW input sizes")
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
@@ -98,6 +103,7 @@ def main(argv=None):
         timm_spec = TimmSpec(
             args.timm_model, spec.sizes, spec.batch, args.target_beta, args.runs, args.warmup,
             {"granularities": tuple(args.granularities)} if args.granularities else {}, args.fit_windows,
+            args.breakdown,
         )
         results = (run_timm_in_processes(timm_spec, args.processes, say) if args.processes > 1
                    else timm_benchmark(timm_spec, say))

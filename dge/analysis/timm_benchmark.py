@@ -27,6 +27,7 @@ from ..layers.calibration import calibrate, randomize_routers
 from ..layers.grained import token_centers
 from .benchmark import _in_fresh_process
 from .latency import photos, timed_interleaved
+from .time_shares import leaf_times, query_side
 
 __all__ = ["TimmSpec", "create_timm_model", "routing_free", "run_timm_in_processes", "timm_benchmark"]
 
@@ -45,6 +46,7 @@ class TimmSpec:
     warmup: int = 2
     options: Dict[str, Any] = field(default_factory=dict)
     fit_windows: bool = False
+    breakdown: bool = False  # also time vanilla's leaf modules: its query side share (``time_shares``)
 
 
 def create_timm_model(name: str, hw: Tuple[int, int]) -> nn.Module:
@@ -69,7 +71,7 @@ def timm_benchmark(spec: TimmSpec, say=print) -> dict:
             row = _timm_case(vanilla, patched, hw, batch, spec)
             say(f"{spec.name} {hw[0]}x{hw[1]} batch {batch}: β {row['beta']}, DGE / vanilla {row['ratio']} "
                 f"({row['dge']['median_ms']:.1f} / {row['vanilla']['median_ms']:.1f} ms), routing-free "
-                f"{row['routing_free_ratio']}")
+                f"{row['routing_free_ratio']}" + _breakdown_text(row.get("breakdown")))
             results["cases"].append(row)
     return results
 
@@ -94,7 +96,18 @@ def _timm_case(vanilla: nn.Module, patched: nn.Module, hw, batch: int, spec: Tim
     row.update(size=list(hw), batch=batch, beta=round(complexity_report(record, patched).beta.mean().item(), 4))
     row["ratio"] = round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4)
     row["routing_free_ratio"] = round(row["routing_free"]["median_ms"] / row["vanilla"]["median_ms"], 4)
+    if spec.breakdown:
+        with torch.inference_mode():
+            times = leaf_times(vanilla, lambda: vanilla.forward_features(x), spec.runs)
+        row["breakdown"] = query_side(times, patched, record)
     return row
+
+
+def _breakdown_text(breakdown) -> str:
+    if breakdown is None:
+        return ""
+    return (f"; vanilla's query side {breakdown['query_side']:.3f} of its time, scaled by the kept queries: "
+            f"ideal {breakdown['ideal']}")
 
 
 class _LeadingMap:
@@ -156,9 +169,12 @@ def run_timm_in_processes(spec: TimmSpec, processes: int, say=print) -> dict:
             values = [r["cases"][i][key] for r in runs]
             row[key] = {"median": round(statistics.median(values), 4), "min": min(values), "max": max(values),
                         "values": values}
+        if "breakdown" in case:
+            row["breakdown"] = {k: statistics.median(r["cases"][i]["breakdown"][k] for r in runs)
+                                for k in case["breakdown"]}
         say(f"{spec.name} {case['size'][0]}x{case['size'][1]} batch {case['batch']} over {processes} processes: "
             f"DGE / vanilla {_spread(row['ratio'])}, routing-free {_spread(row['routing_free_ratio'])}, "
-            f"β {min(row['beta']):.3f}-{max(row['beta']):.3f}")
+            f"β {min(row['beta']):.3f}-{max(row['beta']):.3f}" + _breakdown_text(row.get("breakdown")))
         summary["cases"].append(row)
     return summary
 
