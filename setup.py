@@ -50,7 +50,7 @@ METADATA = dict(
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.3",  # torch.nn.attention.sdpa_kernel, torch.compiler.is_compiling; tested: 2.11, 2.14
-        "timm>=1.0.9",
+        "timm>=1.0.16",  # PVT v2 forward_intermediates (the timm backbone)
         "numpy",
     ],
     extras_require=EXTRAS,
