@@ -12,7 +12,7 @@ from dge.layers import ATTENTION_KINDS, DGEOptions
 from dge.models.parts import check_input_size, tokens_to_map
 from dge.models.pvt import PVT_SIZES, PyramidVisionTransformer, pvt_kwargs
 
-__all__ = ["PVTBackbone", "build_pvt_backbone", "build_pvt_fpn_backbone", "pyramid_from_config"]
+__all__ = ["PVTBackbone", "build_pvt_backbone", "build_pvt_fpn_backbone", "fpn_from_config", "pyramid_from_config"]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -121,7 +121,11 @@ def build_pvt_backbone(cfg, input_shape: ShapeSpec) -> PVTBackbone:
 def build_pvt_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """``build_pvt_backbone`` + FPN (MODEL.FPN.*) with a max-pooled p6, as
     detectron2's ``build_resnet_fpn_backbone``."""
-    bottom_up = build_pvt_backbone(cfg, input_shape)
+    return fpn_from_config(cfg, build_pvt_backbone(cfg, input_shape))
+
+
+def fpn_from_config(cfg, bottom_up: Backbone) -> FPN:
+    """An FPN (MODEL.FPN.*) with a max-pooled p6 on ``bottom_up``."""
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

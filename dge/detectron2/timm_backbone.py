@@ -14,7 +14,6 @@ import timm
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -22,6 +21,7 @@ from dge.adapters import fit_to_windows, patch
 from dge.layers import DGEOptions
 from dge.models.parts import check_input_size
 
+from .backbone import fpn_from_config
 from .vitdet import SimpleFeaturePyramid
 
 __all__ = ["TimmBackbone", "build_timm_backbone", "build_timm_fpn_backbone", "timm_model_from_config"]
@@ -117,11 +117,4 @@ def build_timm_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     if absent:
         raise ValueError(f"MODEL.FPN.IN_FEATURES {list(cfg.MODEL.FPN.IN_FEATURES)}: {absent} not among the timm "
                          f"backbone's outputs {list(names)} (MODEL.TIMM.OUT_INDICES)")
-    return FPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, bottom_up)

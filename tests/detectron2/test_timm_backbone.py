@@ -10,15 +10,14 @@ import pytest
 import timm
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_backbone, build_model
-from detectron2.utils.events import EventStorage
 
 import dge
 from dge.config import load_config
 from dge.detectron2.engine.optimizer import no_weight_decay_params
 from dge.detectron2.vitdet import SimpleFeaturePyramid
 from dge.layers import dge_modules
+from train_helpers import one_training_step
 from model_helpers import max_diff, recorded
 
 import convert_pretrained  # tools/ (tests/conftest.py puts it on sys.path)
@@ -92,15 +91,8 @@ def test_timm_no_weight_decay_names_are_kept_from_decay():
 
 def test_a_training_step_routes_every_block_and_reaches_every_parameter(data_root):
     cfg = load_config(DEMO, ["DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 2])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    batch = next(iter(build_detection_train_loader(cfg)))
-    with EventStorage():
-        losses, record = recorded(model, batch)
-    assert "loss_budget" in losses and len(record.infos) == 8
-    sum(losses.values()).backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert unused == []
+    losses, record, unused = one_training_step(cfg)
+    assert "loss_budget" in losses and len(record.infos) == 8 and unused == []
 
 
 def _official_swin_layout(sd):

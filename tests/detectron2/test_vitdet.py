@@ -3,13 +3,11 @@ pyramid the configs describe, DGE blocks through dge.patch, and a Mask R-CNN tra
 with the budget loss on the built-in data."""
 import pytest
 import torch
-from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from dge.config import load_config
 from dge.layers import dge_modules
-from model_helpers import recorded
+from train_helpers import one_training_step
 
 DEMO = "configs/demo_vitdet_dge_synthetic.yaml"
 
@@ -48,12 +46,5 @@ def test_bad_vit_configs_are_rejected_with_a_clear_error(opts, message):
 
 def test_a_training_step_routes_every_block_and_reaches_every_parameter(data_root):
     cfg = load_config(DEMO, ["DATALOADER.NUM_WORKERS", 0, "SOLVER.IMS_PER_BATCH", 2])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    batch = next(iter(build_detection_train_loader(cfg)))
-    with EventStorage():
-        losses, record = recorded(model, batch)
-    assert "loss_budget" in losses and len(record.infos) == 6
-    sum(losses.values()).backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert unused == []
+    losses, record, unused = one_training_step(cfg)
+    assert "loss_budget" in losses and len(record.infos) == 6 and unused == []

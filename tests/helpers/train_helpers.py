@@ -2,9 +2,14 @@
 import json
 import os
 
+import torch
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 import repo
+from model_helpers import recorded
 
 CONFIGS = str(repo.CONFIGS)
 
@@ -13,6 +18,18 @@ def train_args(config: str, fast, *extra, eval_only: bool = False, resume: bool 
     """train_net.py's parsed arguments for ``config`` with the ``fast`` overrides, then ``extra``."""
     argv = ["--config-file", config] + (["--eval-only"] if eval_only else []) + (["--resume"] if resume else [])
     return default_argument_parser().parse_args(argv + list(fast) + list(extra))
+
+
+def one_training_step(cfg):
+    """(losses, the RoutingRecord, names of trainable parameters without a gradient) of one
+    training step of ``build_model(cfg)`` on the first batch of its train loader."""
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch = next(iter(build_detection_train_loader(cfg)))
+    with EventStorage():
+        losses, record = recorded(model, batch)
+    sum(losses.values()).backward()
+    return losses, record, [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
 def read_metrics(output_dir: str):
