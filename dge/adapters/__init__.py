@@ -4,6 +4,11 @@ each putting that family's blocks into the block protocol (``dge.layers.protocol
 * ``vit``: timm's ``Block`` + ``Attention`` (ViT, DeiT III, MAE, DINOv2);
 * ``eva``: timm's ``EvaBlock`` + ``EvaAttention`` (EVA, EVA-02: rotary embeddings);
 * ``sam``: timm's SAM ``Block`` (SAM's encoder, ViTDet: windowed attention);
+* ``swin``: timm's Swin v1 and v2 blocks (shifted windows: routed on the rolled map);
+* ``pvt_v2``: timm's PVT v2 block (SR or linear attention; its MLP's depthwise conv on the
+  dense map, through the encoder's ``QueryMap``);
+* ``hiera``: timm's Hiera (mask units, unrolled token order) and SAM 2's Hiera (windows);
+  query-pooling blocks at stage transitions stay dense;
 * ``native``: dge's own ``EncoderBlock`` (PVT, DPVT, DeiT), which needs none.
 
 A new family is one module here with one ``@register_adapter`` class (and, for a model
