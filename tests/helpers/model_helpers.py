@@ -68,11 +68,18 @@ def routed_model(name: str, x: torch.Tensor, target: float = 0.5):
 
 
 # timm models patched by dge.patch, one per attention dge adds: EVA-02 (rotary table at
-# pooled centres) and a SAM ViT (windows of 4 padded, a global block, relative positions).
+# pooled centres), a SAM ViT (windows of 4 padded, a global block, relative positions), Swin
+# (shifted windows, masks, bias at half steps), PVT v2 (the conv on the dense map) and SAM 2's
+# Hiera (per-block options from fit_to_windows, a dense pooling block).
 PATCHED_MODELS = {
     "eva02": (dict(model_name="eva02_tiny_patch14_224", img_size=(84, 112), depth=2), (84, 112)),
     "sam": (dict(model_name="samvit_base_patch16", img_size=(176, 240), window_size=4, depth=3,
                  global_attn_indexes=[1], embed_dim=64, num_heads=2), (176, 240)),
+    "swin": (dict(model_name="swin_tiny_patch4_window7_224", embed_dim=32, depths=(2, 2), num_heads=(1, 2),
+                  window_size=8, img_size=(76, 84)), (76, 84)),
+    "pvt_v2": (dict(model_name="pvt_v2_b0", depths=(1, 1, 1, 1)), (96, 128)),
+    "sam2_hiera": (dict(model_name="sam2_hiera_tiny", embed_dim=32, num_heads=1, stages=(1, 2, 2, 1),
+                        global_att_blocks=(4,), window_spec=(8, 4, 4, 2)), (128, 160)),
 }
 
 
@@ -80,7 +87,8 @@ def routed_patched_model(case: str, batch: int, seed: int = 0):
     """(PATCHED_MODELS[case] patched, routers calibrated to β ≈ 0.5 on x; x [batch, 3, H, W])."""
     kwargs, hw = PATCHED_MODELS[case]
     torch.manual_seed(seed)
-    model = dge.patch(timm.create_model(**kwargs).eval())
+    options = dge.adapters.fit_to_windows({}) if case == "sam2_hiera" else None
+    model = dge.patch(timm.create_model(**kwargs).eval(), options)
     randomize_routers(model, seed=0)
     x = torch.randn(batch, 3, *hw)
     with torch.no_grad():
