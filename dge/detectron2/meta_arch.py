@@ -10,6 +10,7 @@ in the forward), else in the forward; in inference it attaches each image's β t
 MODEL.DGE.INFERENCE_BUDGET β, inference runs the routers with the offsets calibrated for β
 (``tools/calibrate_budget.py``), put in use when the weights are loaded.
 """
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -38,8 +39,8 @@ class BudgetLossMixin:
         super().__init__(**kwargs)
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"MODEL.DGE.BUDGET must be in [0, 1]; got {budget}")
-        if budget_weight < 0:
-            raise ValueError(f"MODEL.DGE.BUDGET_WEIGHT must be >= 0; got {budget_weight}")
+        if not math.isfinite(budget_weight) or budget_weight < 0:  # (NaN < 0 is False)
+            raise ValueError(f"MODEL.DGE.BUDGET_WEIGHT must be a finite number >= 0; got {budget_weight}")
         self.budget_loss = BudgetLoss(budget, budget_weight)
         self.inference_budget = 0.0
         if inference_budget:

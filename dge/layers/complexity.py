@@ -1,6 +1,7 @@
 """Complexity ratio β (Eq. 7) and the budget loss (Eq. 8), over all DGE blocks of a model,
 and a fixed routing for all of them (``force_granularity``)."""
 import contextlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -141,8 +142,8 @@ def budget_loss(beta: torch.Tensor, budget: float, weight: float = 1.0) -> torch
     """
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget must be in [0, 1]; got {budget}")
-    if weight < 0:
-        raise ValueError(f"budget loss weight must be >= 0; got {weight}")
+    if not math.isfinite(weight) or weight < 0:  # (NaN < 0 is False)
+        raise ValueError(f"budget loss weight must be a finite number >= 0; got {weight}")
     return weight * (beta.mean() - budget) ** 2  # Eq. 8
 
 

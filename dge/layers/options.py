@@ -1,4 +1,5 @@
 """How a Dynamic Grained Encoder routes (``DGEOptions``): the one home of the DGE defaults."""
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
@@ -54,8 +55,10 @@ class DGEOptions:
             raise ValueError(f"routing must be one of {ROUTING_KINDS}; got {self.routing!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}; got {self.estimator!r}")
-        if self.gumbel_tau <= 0:
-            raise ValueError(f"gumbel_tau must be > 0; got {self.gumbel_tau}")
+        if not math.isfinite(self.gumbel_tau) or self.gumbel_tau <= 0:  # (NaN <= 0 is False)
+            raise ValueError(f"gumbel_tau must be a finite number > 0; got {self.gumbel_tau}")
+        if not 0.0 < self.init_fine_prob < 1.0:
+            raise ValueError(f"init_fine_prob must be in (0, 1); got {self.init_fine_prob}")
         object.__setattr__(self, "granularities", _check_granularities(self.granularities, None))  # sorted
         if self.region_size is not None and self.region_size < 1:
             raise ValueError(f"region_size must be >= 1; got {self.region_size}")
@@ -78,15 +81,20 @@ class DGEOptions:
 
     @classmethod
     def from_config(cls, dge_cfg) -> "DGEOptions":
-        """From detectron2's ``cfg.MODEL.DGE`` (REGION_SIZE 0 means max(Φ))."""
-        return cls(
-            granularities=tuple(dge_cfg.GRANULARITIES),
-            region_size=dge_cfg.REGION_SIZE or None,
-            routing=dge_cfg.ROUTING,
-            gumbel_tau=dge_cfg.GUMBEL_TAU,
-            estimator=dge_cfg.ESTIMATOR,
-            init_fine_prob=dge_cfg.INIT_FINE_PROB,
-        )
+        """From detectron2's ``cfg.MODEL.DGE`` (REGION_SIZE 0 means max(Φ)); a bad value's error
+        names its key (``MODEL.DGE.GUMBEL_TAU: gumbel_tau must be ...``)."""
+        try:
+            return cls(
+                granularities=tuple(dge_cfg.GRANULARITIES),
+                region_size=dge_cfg.REGION_SIZE or None,
+                routing=dge_cfg.ROUTING,
+                gumbel_tau=dge_cfg.GUMBEL_TAU,
+                estimator=dge_cfg.ESTIMATOR,
+                init_fine_prob=dge_cfg.INIT_FINE_PROB,
+            )
+        except ValueError as e:
+            field = next((f.name for f in fields(cls) if str(e).startswith(f.name)), None)
+            raise ValueError(f"MODEL.DGE.{field.upper() if field else '*'}: {e}") from e
 
     def replace(self, **changes) -> "DGEOptions":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

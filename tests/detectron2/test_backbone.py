@@ -221,7 +221,10 @@ def test_registered_names_do_not_shadow_timm_models():
         (["MODEL.PVT.ATTENTION", "linear"], r"MODEL.PVT.ATTENTION must be one of \('sr', 'deformable'\); got 'linear'"),
         (["MODEL.PVT.OUT_FEATURES", ["res1", "res2"]], r"out_features must be a non-empty subset of"),
         (["MODEL.PVT.FREEZE_AT", 5], r"MODEL.PVT.FREEZE_AT must be in 0..4; got 5"),
-        (["MODEL.DGE.ENABLED", True, "MODEL.DGE.GRANULARITIES", [1, 2, 3]], r"must divide the region size 3; got 2"),
+        (["MODEL.DGE.ENABLED", True, "MODEL.DGE.GRANULARITIES", [1, 2, 3]],
+         r"MODEL.DGE.GRANULARITIES: granularities must divide the region size 3; got 2"),
+        (["MODEL.DGE.ENABLED", True, "MODEL.DGE.GUMBEL_TAU", float("nan")], r"MODEL.DGE.GUMBEL_TAU: gumbel_tau must"),
+        (["MODEL.DGE.ENABLED", True, "MODEL.DGE.ROUTING", "pixel"], r"MODEL.DGE.ROUTING: routing must be one of"),
     ],
 )
 def test_bad_backbone_config_is_rejected_clearly(opts, message):

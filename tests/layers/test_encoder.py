@@ -6,6 +6,7 @@ import torch
 from dge.layers import rows as rows_module
 from dge.layers import (
     BlockCost,
+    BudgetLoss,
     DynamicGrainedEncoder,
     budget_loss,
     complexity_report,
@@ -255,6 +256,9 @@ def test_beta_sums_over_layers_and_counts_the_router():
         (dict(granularities=(-1, 1)), "non-negative"),
         (dict(granularities=(0,)), "positive granularity"),
         (dict(routing="pixel"), "routing must be one of"),
+        (dict(gumbel_tau=float("nan")), r"gumbel_tau must be a finite number > 0; got nan"),
+        (dict(gumbel_tau=float("inf")), r"gumbel_tau must be a finite number > 0; got inf"),
+        (dict(init_fine_prob=float("nan")), r"init_fine_prob must be in \(0, 1\); got nan"),
     ],
 )
 def test_bad_configuration_is_rejected_with_a_clear_error(kwargs, message):
@@ -274,6 +278,9 @@ def test_bad_input_is_rejected_with_a_clear_error():
     for budget in (-0.1, 1.5):
         with pytest.raises(ValueError, match="budget must be in \\[0, 1\\]"):
             budget_loss(torch.ones(2), budget)
+    for budget, weight in ((float("nan"), 1.0), (0.5, float("nan")), (0.5, float("inf"))):
+        with pytest.raises(ValueError, match="budget must be in|weight must be a finite number >= 0"):
+            BudgetLoss(budget, weight)
 
 
 def test_vanilla_block_weights_load_into_the_dge_wrapper():
