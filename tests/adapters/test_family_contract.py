@@ -7,6 +7,7 @@ precision gives float32's β under the same routing.
 Adding a family is adding one case to ``FAMILIES`` (docs/architecture.md)."""
 import copy
 import functools
+import io
 
 import pytest
 import timm
@@ -205,6 +206,17 @@ def test_timms_model_contract_holds_when_patched(case):
     model.train()
     model(x).float().logsumexp(dim=-1).mean().backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_patched_model_pickles_whole(case):
+    """``torch.save(model)`` / ``torch.load`` of the whole patched model: the same routing and output."""
+    model, x = routed(case)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_every_registered_adapter_has_a_case():

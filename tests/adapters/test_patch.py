@@ -1,6 +1,8 @@
 """``dge.patch`` / ``dge.unpatch`` (``dge.adapters.patch``): blocks keep their mode; what cannot be
 patched is said and leaves the model as it was; the stage walk wraps a pyramid stage by stage
 (a patched ``pvt_tiny`` is ``pvt_tiny_dge``); a new family is one registered adapter."""
+import subprocess
+import sys
 from typing import Tuple
 
 import pytest
@@ -134,3 +136,20 @@ def test_a_new_family_is_one_registered_adapter():
         assert coarse.shape == x.shape and type(dge.unpatch(model).blocks[0]) is MixerBlock
     finally:
         del ADAPTERS[MixerBlock]
+
+
+def test_a_whole_patched_model_loads_in_a_fresh_process(tmp_path):
+    """The recording patch embedding is found by name (``dge.adapters.grid``) by a process
+    that has not imported dge."""
+    torch.manual_seed(0)
+    model = dge.patch(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=0).eval())
+    x = torch.randn(1, 3, 64, 64)
+    torch.save({"model": model, "x": x}, tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "expected.pt")
+    code = (f"import torch; d = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False); "
+            f"assert torch.equal(d['model'](d['x']), torch.load({str(tmp_path / 'expected.pt')!r})); "
+            "print(type(d['model'].patch_embed).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "PatchEmbed"
