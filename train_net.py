@@ -105,7 +105,13 @@ class Trainer(DefaultTrainer):
     def train(self):
         if comm.is_main_process():
             self._warn_about_the_budget()
-        return super().train()
+        try:
+            return super().train()
+        except FloatingPointError:  # detectron2's "Loss became infinite or NaN"
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else "none"
+            logger.error(f"training diverged at iteration {self.iter}; the last finite checkpoint is {last} "
+                         "(resume from it with a lower SOLVER.BASE_LR, or a longer SOLVER.WARMUP_ITERS)")
+            raise
 
     def _warn_about_the_budget(self) -> None:
         """Says at the start when the budget loss cannot reach MODEL.DGE.BUDGET (training inputs

@@ -1,7 +1,8 @@
 """What a user or a service meets when something is off: each call's own β from a shared
 predictor, dge's lines in the training log, checkpoints of other DGE options refused, an
-interrupted final checkpoint written on resume, one output per input, budgets the routers
-cannot reach said at the start, and errors that name the file and the cause."""
+interrupted final checkpoint written on resume, no checkpoint with NaN saved or loaded and a
+diverged run naming its last finite one, one output per input, budgets the routers cannot
+reach said at the start, and errors that name the file and the cause."""
 import builtins
 import logging
 import os
@@ -164,3 +165,32 @@ def test_a_truncated_checkpoint_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(RuntimeError, match=f"cannot read the checkpoint {path} \\(truncated, or not a checkpoint\\)"):
         AtomicCheckpointer(torch.nn.Linear(64, 64)).load(str(path))
+
+
+def test_a_model_with_nan_is_never_saved_nor_loaded(tmp_path, caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path))
+    checkpointer.save("model_0000001")
+    with torch.no_grad():
+        model[1].weight[3] = float("nan")
+    with caplog.at_level(logging.ERROR, logger="fvcore.common.checkpoint"):
+        checkpointer.save("model_0000002")
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert f"not saving model_0000002.pth: 1.weight holds NaN or inf (the run diverged); the last finite " \
+           f"checkpoint is {tmp_path / 'model_0000001.pth'}" in caplog.text
+    path = tmp_path / "diverged.pth"
+    torch.save({"model": model.state_dict()}, path)
+    with pytest.raises(ValueError, match=rf"the checkpoint {path} holds NaN or inf \(first in 1.weight\)"):
+        AtomicCheckpointer(model).load(str(path))
+
+
+def test_a_run_that_diverges_names_its_last_finite_checkpoint(data_root, tmp_path):
+    out = tmp_path / "run"
+    args = ("SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.BASE_LR", "30.0",
+            "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out))
+    with pytest.raises(FloatingPointError):
+        train_net.main(run_args(*args))
+    last = out / (out / "last_checkpoint").read_text()
+    assert f"the last finite checkpoint is {last}" in (out / "log.txt").read_text()
+    AtomicCheckpointer(torch.nn.Linear(1, 1), allow_partial=True).load(str(last))  # finite: it loads

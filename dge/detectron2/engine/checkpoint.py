@@ -1,16 +1,18 @@
 """A DetectionCheckpointer whose files are never half-written, that names the file and the
-cause of a failed read or write, and that refuses weights trained under other DGE options."""
+cause of a failed read or write, that refuses weights trained under other DGE options, and
+that never saves (or loads) a model with NaN or inf in it."""
 import glob
 import os
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from dge.files import atomic_save, atomic_write_text
 from dge.layers import dge_modules, is_router_state
 
-__all__ = ["AtomicCheckpointer", "routing_options", "remove_unfinished_writes"]
+__all__ = ["AtomicCheckpointer", "first_nonfinite", "routing_options", "remove_unfinished_writes"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
 ROUTING_KEY = "dge_routing"  # the checkpoint entry of ``routing_options``
@@ -25,6 +27,19 @@ def routing_options(model: nn.Module) -> List[Dict]:
         if entry not in found:
             found.append(entry)
     return found
+
+
+def first_nonfinite(state: Dict[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state`` that holds a NaN or an inf;
+    None when all are finite (one reduction per tensor and one read of the device)."""
+    names = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return None
+    device = state[names[0]].device
+    finite = torch.stack([torch.isfinite(state[k]).all().to(device) for k in names])
+    if bool(finite.all()):
+        return None
+    return names[int((~finite).nonzero()[0, 0])]
 
 
 def _describe(options: List[Dict]) -> str:
@@ -82,11 +97,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str):
         try:
-            return super()._load_file(filename)
+            loaded = super()._load_file(filename)
         except Exception as e:  # torch's message (a zip reader's) does not name the file
             raise RuntimeError(
                 f"cannot read the checkpoint {filename} (truncated, or not a checkpoint): {type(e).__name__}: {e}"
             ) from e
+        bad = first_nonfinite(loaded.get("model", {})) if isinstance(loaded, dict) else None
+        if bad is not None:
+            raise ValueError(f"the checkpoint {filename} holds NaN or inf (first in {bad}): it was saved after its "
+                             "run diverged; load an earlier checkpoint")
+        return loaded
 
     def _check_routing_options(self, checkpoint) -> None:
         """Router weights trained under one Φ / region size / routing kind route differently
@@ -138,6 +158,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
             data[key] = obj.state_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
+        bad = first_nonfinite(data["model"])
+        if bad is not None:  # a diverged model never becomes the last checkpoint
+            last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+            self.logger.error(f"not saving {basename}: {bad} holds NaN or inf (the run diverged); the last finite "
+                              f"checkpoint is {last}")
+            return
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
         atomic_save(data, save_file)
