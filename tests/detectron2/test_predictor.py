@@ -1,5 +1,10 @@
 """The predictor takes the image formats people pass and refuses the others in one line;
-tools/predict.py skips (or, --strict, stops at) files that do not decode completely."""
+tools/predict.py skips (or, --strict, stops at) files that do not decode completely and images
+it cannot resize, takes every image format in a folder and names what it leaves out."""
+import json
+import logging
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,3 +67,29 @@ def test_predict_tool_skips_or_stops_at_a_truncated_jpeg(tmp_path):
     assert list(summary) == ["good"]
     with pytest.raises(UnreadableImage, match="cut.jpg: does not decode"):
         predict.main(argv + ["--strict", "MODEL.DEVICE", "cpu"])
+
+
+def test_predict_tool_takes_every_image_in_a_folder_and_says_what_it_leaves(tmp_path, caplog):
+    """A GIF in a folder is predicted; a text file and a subfolder are named; an image whose test
+    resize leaves a side under the backbone's stride is skipped with its name and the cause, and
+    predictions.json holds the rest; an empty folder warns."""
+    import predict
+
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(folder / "anim.gif")
+    Image.fromarray(rng.integers(0, 256, (2000, 20, 3), dtype=np.uint8)).save(folder / "thin.png")
+    (folder / "notes.txt").write_text("not an image")
+    argv = ["--config-file", "configs/demo_pvt_dge_synthetic.yaml", "--output", str(out), "MODEL.DEVICE", "cpu"]
+    with caplog.at_level(logging.WARNING):
+        summary = predict.main(["--input", str(folder)] + argv)
+    assert list(summary) == ["anim"] and list(json.loads((out / "predictions.json").read_text())) == ["anim"]
+    assert "left out 2 entries: notes.txt (not an image PIL recognises), sub (a folder: not searched)" in caplog.text
+    assert re.search(r"skipped thin: 20x2000 resizes to \d+x\d+ under INPUT.MIN_SIZE_TEST .*stride 32", caplog.text)
+    with pytest.raises(ValueError, match="thin: 20x2000 resizes to"):
+        predict.main(["--input", str(folder), "--strict"] + argv)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert predict.main(["--input", str(folder / "sub")] + argv) == {}
+    assert f"no images in ['{folder / 'sub'}']" in caplog.text

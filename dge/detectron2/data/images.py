@@ -32,13 +32,37 @@ def _read_bgr(path: str) -> np.ndarray:
     return image
 
 
+def _folder_images(folder: str) -> List[str]:
+    """The images of ``folder``, sorted: files with an image extension and any other file that
+    PIL recognises as an image (a GIF, a PPM ...); one warning names what it leaves out, and why."""
+    from PIL import Image
+
+    images, left = [], []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if not os.path.isfile(path):
+            left.append(f"{entry} (a folder: not searched)")
+        elif entry.lower().endswith(_IMAGE_EXTS):
+            images.append(path)
+        else:
+            try:
+                with Image.open(path):  # reads the header only
+                    images.append(path)
+            except Exception:
+                left.append(f"{entry} (not an image PIL recognises)")
+    if left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        logger.warning(f"{folder}: left out {len(left)} entries: {', '.join(left[:5])}{more}")
+    return images
+
+
 def _sources(inputs: Sequence[str], dataset: Optional[str]) -> List[str]:
     sources = []
     for item in inputs:
         if item.startswith("skimage:"):
             sources.append(item)
         elif os.path.isdir(item):
-            sources += [os.path.join(item, f) for f in sorted(os.listdir(item)) if f.lower().endswith(_IMAGE_EXTS)]
+            sources += _folder_images(item)
         elif os.path.isfile(item):
             sources.append(item)
         else:
@@ -98,6 +122,8 @@ def iter_images(
     (``_unique_names``). A file that does not decode completely raises ``UnreadableImage``,
     or, with a ``skipped`` list, is appended to it (with why) and skipped."""
     sources = _sources(inputs, dataset)
+    if not sources:
+        logger.warning(f"no images in {list(inputs)}" + (f" or in the dataset {dataset!r}" if dataset else ""))
     count = 0
     for src, name in zip(sources, _unique_names(sources)):
         if max_images is not None and count >= max_images:
