@@ -24,6 +24,7 @@ from detectron2.utils.events import JSONWriter
 
 import dge  # noqa: F401  (registers backbones, meta-architectures and datasets)
 from dge.config import load_config
+from dge.files import take_run_lock
 from dge.detectron2.compat import cpu_ddp_support, launch, restart_data_iterator
 from dge.detectron2.data import CheckedDatasetMapper, check_datasets, register_coco_dataset
 from dge.detectron2.data.loader import build_resumable_train_loader, build_test_loader, validated_test_records
@@ -174,6 +175,8 @@ def setup(args):
         register_coco_dataset(name, json_file, image_root)
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
+    if comm.is_main_process():  # one run per OUTPUT_DIR: before it writes config.yaml and log.txt
+        take_run_lock(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     setup_dge_logger(cfg.OUTPUT_DIR)  # dge's lines in the console and OUTPUT_DIR/log.txt, as detectron2's
     if cfg.MODEL.DEVICE == "cpu":

@@ -7,6 +7,9 @@ import builtins
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -194,3 +197,30 @@ def test_a_run_that_diverges_names_its_last_finite_checkpoint(data_root, tmp_pat
     last = out / (out / "last_checkpoint").read_text()
     assert f"the last finite checkpoint is {last}" in (out / "log.txt").read_text()
     AtomicCheckpointer(torch.nn.Linear(1, 1), allow_partial=True).load(str(last))  # finite: it loads
+
+
+def test_one_run_per_output_dir(tmp_path):
+    """A folder another live process runs in stops train_net.py's setup with that process named;
+    a lock left by a process that is gone is taken over with one line; this process again is a
+    no-op."""
+    from dge.files import RUN_LOCK, take_run_lock
+
+    host, lock = socket.gethostname(), tmp_path / RUN_LOCK
+    assert take_run_lock(str(tmp_path)) == take_run_lock(str(tmp_path)) == str(lock)
+    lock.write_text(f"{host} 1")  # pid 1 is alive
+    with pytest.raises(RuntimeError, match=rf"{tmp_path} is in use by process 1 on {host} .*another OUTPUT_DIR"):
+        train_net.setup(run_args("OUTPUT_DIR", str(tmp_path)))
+    assert not (tmp_path / "config.yaml").exists()  # stopped before it wrote anything
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{host} {gone.stdout.strip()}")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("dge.files").addHandler(handler)
+    try:
+        take_run_lock(str(tmp_path))
+    finally:
+        logging.getLogger("dge.files").removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        f"{tmp_path}: taking over the run lock of process {gone.stdout.strip()}, which is gone (a stopped run)"]
+    assert lock.read_text() == f"{host} {os.getpid()}"
