@@ -104,7 +104,9 @@ class Adapter:
 
     @classmethod
     def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
-        """Refuses what the adapter cannot take (nothing by default)."""
+        """Refuses what the adapter cannot take: by default, regions that do not tile the
+        block's ``window`` (``check_tiles``; nothing for global attention)."""
+        check_tiles(cls.window(block), label, options)
 
     @classmethod
     def wrap(cls, block: nn.Module, stage: Stage) -> nn.Module:

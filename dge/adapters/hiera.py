@@ -23,7 +23,6 @@ from dge.layers.windows import partition_windows, windowed_attention
 from .base import (
     Stage,
     TimmAdapter,
-    check_tiles,
     global_attention_cost,
     place_queries,
     project_qkv,
@@ -38,7 +37,8 @@ class _WindowedOrGlobal(TimmAdapter):
     """Attention without relative positions: per window of the padded map, or global."""
 
     def attention_window(self) -> Optional[Tuple[int, int]]:
-        raise NotImplementedError
+        """The wrapped block's window (``window``), None for global attention."""
+        return self.window(self.original)
 
     def _attention(self, queries, context, hw, centers, rows) -> torch.Tensor:
         attn, window = self.attn, self.attention_window()
@@ -74,13 +74,6 @@ class HieraDetAdapter(_WindowedOrGlobal):
     def window(cls, block: nn.Module) -> Optional[Tuple[int, int]]:
         return tuple(block.window_size) if block.is_windowed else None
 
-    @classmethod
-    def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
-        check_tiles(cls.window(block), label, options)
-
-    def attention_window(self) -> Optional[Tuple[int, int]]:
-        return self.window(self.original)
-
     def prepare(self, x: torch.Tensor, hw=None) -> BlockCall:
         """HieraDet's ``blk(x)`` on a map [B, H, W, C] (the output is a map too)."""
         return BlockCall(x.flatten(1, 2), tuple(x.shape[1:3]), self.forward_queries, lambda y: y.view(x.shape))
@@ -106,7 +99,7 @@ class HieraAdapter(_WindowedOrGlobal):
 
     @classmethod
     def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
-        check_tiles(cls.window(block), label, options)
+        super().check(block, label, stage, options)
         if getattr(stage.model, "reroll", None) is None:
             raise TypeError(f"dge.patch: {label} is a Hiera block outside a Hiera model (its token order is the model's)")
 
@@ -119,9 +112,6 @@ class HieraAdapter(_WindowedOrGlobal):
         self.hw = tuple(size)
         self.register_buffer("raster", raster, persistent=False)
         self.register_buffer("unrolled", torch.argsort(raster), persistent=False)
-
-    def attention_window(self) -> Optional[Tuple[int, int]]:
-        return self.window(self.original)
 
     def prepare(self, x: torch.Tensor, hw=None) -> BlockCall:
         """Hiera's ``blk(x)`` on unrolled tokens [B, N, C]: the tokens in raster order, and back."""

@@ -20,7 +20,6 @@ from dge.layers.windows import partition_windows, rel_pos_bias, windowed_attenti
 from .base import (
     Stage,
     TimmAdapter,
-    check_tiles,
     global_attention_cost,
     head_norm,
     place_queries,
@@ -47,7 +46,7 @@ class SamAdapter(TimmAdapter):
     def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
         if getattr(block.attn, "rope", None) is not None:
             raise TypeError(f"dge.patch: {label} has a rotary SAM attention, which it does not support")
-        check_tiles(cls.window(block), label, options)
+        super().check(block, label, stage, options)
 
     def prepare(self, x: torch.Tensor, hw=None) -> BlockCall:
         """SAM's ``blk(x)`` on a map [B, H, W, C] (the output is a map too), or tokens

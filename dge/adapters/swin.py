@@ -25,14 +25,12 @@ from timm.models import swin_transformer_v2 as swin2
 from torch import nn
 from torch.nn import functional as F
 
-from dge.layers import BlockCall, BlockCost, DGEOptions, token_centers
+from dge.layers import BlockCall, BlockCost, token_centers
 from dge.layers.block import drop_path_rows
 from dge.layers.windows import WindowRows, partition_windows, windowed_attention
 
 from .base import (
-    Stage,
     TimmAdapter,
-    check_tiles,
     linear_cost,
     place_queries,
     project_qkv,
@@ -64,10 +62,6 @@ class SwinAdapter(TimmAdapter):
     @classmethod
     def window(cls, block: nn.Module) -> Optional[Tuple[int, int]]:
         return tuple(block.window_size)
-
-    @classmethod
-    def check(cls, block: nn.Module, label: str, stage: Stage, options: DGEOptions) -> None:
-        check_tiles(cls.window(block), label, options)
 
     def prepare(self, x: torch.Tensor, hw=None) -> BlockCall:
         """Swin's ``blk(x)`` on a map [B, H, W, C]: tokens of the map rolled by the block's shift."""
