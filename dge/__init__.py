@@ -22,6 +22,7 @@ from .layers import (
     DGEOptions,
     DynamicGrainedEncoder,
     RoutingInfo,
+    allow_other_options,
     RoutingRecord,
     beta_range,
     complexity_report,
@@ -109,6 +110,7 @@ __all__ = [
     "set_budget_offsets",
     "use_budget",
     # weights
+    "allow_other_options",
     "checkpoint_filter_fn",
     "convert_pvt_state_dict",
     "convert_deit_state_dict",

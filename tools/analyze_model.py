@@ -28,14 +28,13 @@ from typing import Any, Dict, Iterator, List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from fvcore.nn import parameter_count_table
 
 import dge  # noqa: F401  (registers backbones, meta-architectures, datasets)
-from dge.detectron2.engine import setup_dge_logger
+from dge.detectron2.engine import load_weights, setup_dge_logger
 from dge.analysis import analyze_images, flops_summary, format_flops_report
 from dge.analysis.flops import activation_count, flop_inputs
 from dge.analysis.plots import plot_block_betas
@@ -62,7 +61,7 @@ def build(cfg):
     torch.manual_seed(0)  # a randomly initialised router routes the same way every run
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg)
         weights = cfg.MODEL.WEIGHTS
     else:
         weights = RANDOM_INIT

@@ -13,7 +13,7 @@ from detectron2.modeling import build_backbone, build_model
 
 from ..config import load_config
 from ..detectron2.data.loader import build_test_loader
-from ..detectron2.engine import AtomicCheckpointer, build_evaluator
+from ..detectron2.engine import build_evaluator, load_weights
 from ..layers import record_routing
 from ..models.parts import padded_size
 from ..layers.calibration import block_flops
@@ -65,7 +65,7 @@ def evaluate(cfg, dataset: str, output_folder: str) -> Tuple[Dict[str, float], C
     backbone ms per image inside it; and a function that runs the evaluated backbone on the
     next of the evaluation's first LATENCY_IMAGES inputs (for the interleaved timing)."""
     model = build_model(cfg)
-    AtomicCheckpointer(model).load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    load_weights(model, cfg)
     model.eval()
     sync = device_sync(model.device)
     with ForwardTimer(model.backbone, sync, skip=WARMUP_FORWARDS) as timer:

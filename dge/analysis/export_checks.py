@@ -12,6 +12,7 @@ from torch import nn
 
 from ..export import ExportedModel, RoutedOutputs, binary_differences, max_difference
 from ..layers import dge_modules
+from ..layers.saved_options import OPTIONS_STATE
 from ..models.parts import padded_size
 from ..layers.calibration import set_logit_offset
 
@@ -43,7 +44,7 @@ def swap_check(model: nn.Module, example: torch.Tensor, images: Sequence[torch.T
                                ("traced as routed, run all-fine", own, all_fine)):
         model.load_state_dict(traced)
         program = torch.export.export(model, (example,)).module()
-        program.load_state_dict(run)
+        program.load_state_dict({k: v for k, v in run.items() if not k.endswith(OPTIONS_STATE)})  # it has no options
         model.load_state_dict(run)
         worst, betas = 0.0, []
         for x in images:
@@ -113,15 +114,16 @@ def detectron2_export_source(cfg, what: str, example_bgr):
     image [3, H, W] of a bgr image, size) for ``what`` "model", or ("module", ``RoutedOutputs``
     of its bottom-up backbone, normalised [1, 3, H, W] input, size) for "backbone"; the size
     is the example's after INPUT.*_TEST resizing and padding."""
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import transforms as T
     from detectron2.modeling import build_model
+
+    from ..detectron2.engine import load_weights
 
     cfg = cfg.clone()
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        load_weights(model, cfg)
     aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
     default_hw = padded_size(aug.get_transform(example_bgr).apply_image(example_bgr).shape[:2],
                              model.backbone.size_divisibility)

@@ -9,7 +9,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from ..detectron2.data import iter_images
-from ..detectron2.engine import AtomicCheckpointer
+from ..detectron2.engine import load_weights
 from ..layers import record_routing, set_budget_offsets, store_budget
 from ..layers.calibration import block_flops, calibrate, stage_groups
 
@@ -27,8 +27,7 @@ def load_model(cfg):
     if not cfg.MODEL.DGE.ENABLED:
         raise ValueError("MODEL.DGE.ENABLED is False: an inference budget needs a DGE model")
     model = build_model(cfg).eval()
-    checkpointer = AtomicCheckpointer(model)
-    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    checkpointer = load_weights(model, cfg)
     untrained = [k for k in checkpointer.last_incompatible.missing_keys if ".router.gate." in k]
     if untrained:
         raise ValueError(

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
+from dge.detectron2.engine import load_weights
 from detectron2.modeling import build_model
 
 from dge.detectron2.data import DEFAULT_PHOTOS, iter_images
@@ -146,7 +146,7 @@ def build_models(cfg, variants=("vanilla", "dge")):
     dge_model = build_model(cfg).eval()
     trained = bool(cfg.MODEL.WEIGHTS)
     if trained:
-        DetectionCheckpointer(dge_model).load(cfg.MODEL.WEIGHTS)
+        load_weights(dge_model, cfg)
     else:
         randomize_routers(dge_model, seed=0)
     models = {"dge": dge_model}

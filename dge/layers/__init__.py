@@ -26,9 +26,10 @@ from .complexity import (
 from .encoder import DynamicGrainedEncoder, is_capturing, specialize_to_input
 from .grained import token_centers
 from .inference_budget import check_budget, set_budget_offsets, store_budget, stored_budgets, use_budget
-from .keys import is_router_state, map_block_keys, map_dge_keys
+from .keys import is_dge_state, map_block_keys, map_dge_keys
 from .options import DGEOptions
 from .protocol import BlockCall, BlockCost, DGEBlock
 from .router import MAX_BUDGETS, GrainedRouter
 from .routing import RoutingInfo, RoutingRecord, record_routing
 from .rows import QueryRows
+from .saved_options import allow_other_options

@@ -23,6 +23,7 @@ from .keys import map_block_keys
 from .options import DGEOptions
 from .protocol import BlockCall, BlockCost, check_block_protocol
 from .router import GrainedRouter
+from .saved_options import check_loaded_options, encode_options
 from .routing import RoutingInfo, add_routing, routing_recorded
 
 __all__ = [
@@ -161,9 +162,19 @@ class DynamicGrainedEncoder(nn.Module):
             f"routing={self.routing}, gumbel_tau={self.options.gumbel_tau}, estimator={self.options.estimator}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def get_extra_state(self) -> torch.Tensor:
+        """The options the router's weights depend on, saved with them
+        (``dge.layers.saved_options``)."""
+        return encode_options(self.granularities, self.region_size, self.routing)
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked against the file's in _load_from_state_dict; the options stay the block's
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         map_block_keys(state_dict, prefix, wrapped=True)  # a vanilla checkpoint: keys without "block."
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        own_router = {} if self.router is None else self.router.state_dict(prefix=prefix + "router.")
+        check_loaded_options(state_dict, prefix, self.get_extra_state(), own_router, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     # ------------------------------------------------------------------ routing
     def layout(self, hw: Tuple[int, int], device) -> StaticLayout:

@@ -12,7 +12,7 @@ import torch
 from timm.layers import resample_patch_embed
 from torch import nn
 
-from dge.layers import DynamicGrainedEncoder, is_router_state, map_dge_keys
+from dge.layers import DynamicGrainedEncoder, is_dge_state, map_dge_keys
 
 from .parts import resample_pos_embed
 
@@ -121,7 +121,7 @@ def finish_conversion(
     _check_shapes(out, target, conversion)
     _list_keys(out, target, conversion)
     if fill_routers:  # timm loads strictly: every router tensor, budget tables too
-        for k in conversion.initial_routers + [k for k in target if is_router_state(k) and k not in out]:
+        for k in conversion.initial_routers + [k for k in target if is_dge_state(k) and k not in out]:
             out[k] = target[k]
     conversion.state_dict = out
     return conversion
@@ -131,7 +131,7 @@ def _list_keys(out, target, conversion) -> None:
     """The model keys the converted tensors miss (routers among them), and the converted keys
     the model lacks. No other code has budget tables: the model's (empty) ones are neither
     missing nor written."""
-    conversion.missing = [k for k in target if k not in out and not is_router_state(k)]
+    conversion.missing = [k for k in target if k not in out and not is_dge_state(k)]
     conversion.unexpected = [k for k in out if k not in target]
     conversion.initial_routers = [k for k in conversion.missing if ".router." in k]
 
@@ -141,7 +141,7 @@ def _wrapped_keys(converted, model, wrappers, target, conversion):
     out: Dict[str, torch.Tensor] = {}
     splits: Dict[str, torch.Tensor] = {}
     for key, value in map_dge_keys(converted, model).items():
-        if is_router_state(key) and key not in target:
+        if is_dge_state(key) and key not in target:
             continue  # a budget table of a router the model does not have: its gate is reported
         if ".router." in key and key.partition(".router.")[0] not in wrappers:
             conversion.dropped[key] = "DGE router; the model has no DGE block here"

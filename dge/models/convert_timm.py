@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dge.adapters import is_patched, unpatch
-from dge.layers import is_router_state, map_dge_keys
+from dge.layers import is_dge_state, map_dge_keys
 
 from .convert import Conversion, _check_shapes, _list_keys, unwrap_checkpoint
 
@@ -38,7 +38,7 @@ def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Mo
     conversion = Conversion({}, source)
     out, target = map_dge_keys(filtered, model), model.state_dict()
     for key in [k for k in out if k not in target]:
-        if not is_router_state(key):  # (a budget table of a router the model lacks: its gate is reported)
+        if not is_dge_state(key):  # (a budget table of a router the model lacks: its gate is reported)
             conversion.dropped[key] = "classifier" if key.startswith("head") else _NOT_IN_TIMM_MODEL
         del out[key]
     _check_shapes(out, target, conversion)

@@ -21,8 +21,10 @@ from PIL import Image
 import train_net
 from dge.layers.calibration import randomize_routers, set_logit_offset
 from dge.config import load_config
+from detectron2.engine import DefaultPredictor
 from dge.detectron2.engine import AtomicCheckpointer, Predictor
 import dge.files
+from repo import load_tool
 from train_helpers import DEMO, FAST, run_args
 
 
@@ -68,18 +70,71 @@ def test_the_training_log_holds_dges_lines(data_root, tmp_path):
     assert "running on the CPU" in log
 
 
-def test_weights_trained_under_another_granularity_set_are_refused(tmp_path):
-    path = str(tmp_path / "demo.pth")
-    AtomicCheckpointer(_demo_model(), save_dir=str(tmp_path)).save("demo")
-    other = _demo_model("MODEL.DGE.GRANULARITIES", "[2, 4, 8]")  # the same gate shapes
-    message = (
-        r"trained with DGE granularities \[1, 2, 4\], region size 4.*"
-        r"this model has granularities \[2, 4, 8\], region size 8"
-    )
-    with pytest.raises(ValueError, match=message):
-        AtomicCheckpointer(other).load(path)
-    AtomicCheckpointer(other, allow_partial=True).load(path)  # said, then loaded
-    AtomicCheckpointer(_demo_model()).load(path)  # the same options load
+OTHER_PHI = ("MODEL.DGE.GRANULARITIES", "[2, 4, 8]")  # the demo's Φ is {1, 2, 4}: the same router shapes
+BOTH_SETS = (r"trained with DGE granularities \[1, 2, 4\], region size 4.*"
+             r"this model has granularities \[2, 4, 8\], region size 8")
+
+
+def _through_tool(name, *args):
+    def load(cfg_opts, tmp_path):
+        load_tool(name).main(["--config-file", DEMO, *args, "--output", str(tmp_path / name), *cfg_opts])
+    return load
+
+
+LOADERS = {  # how each loader is given MODEL.WEIGHTS: (config overrides, tmp_path) -> None
+    "train_net --eval-only": lambda opts, tmp: train_net.main(run_args(*opts, "OUTPUT_DIR", str(tmp), eval_only=True)),
+    "dge.engine.Predictor": lambda opts, tmp: Predictor(load_config(DEMO, FAST + list(opts))),
+    "DefaultPredictor": lambda opts, tmp: DefaultPredictor(load_config(DEMO, FAST + list(opts))),
+    "tools/predict.py": _through_tool("predict", "--input", "skimage:chelsea"),
+    "tools/visualize_gates.py": _through_tool("visualize_gates", "--input", "skimage:chelsea"),
+    "tools/export_model.py": _through_tool("export_model", "--what", "backbone", "--format", "exported"),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_weights(tmp_path_factory):
+    """A demo checkpoint (Φ {1, 2, 4}) and a calibrate_budget.py file of it."""
+    folder = tmp_path_factory.mktemp("weights")
+    model = _demo_model()
+    AtomicCheckpointer(model, save_dir=str(folder)).save("demo")
+    dge.files.atomic_save({"model": model.state_dict(), "budgets": []}, str(folder / "demo_budgets.pth"))
+    return folder
+
+
+@pytest.mark.parametrize(  # a calibrated file through one loader: its options are in its model state, as in any
+    "loader, weights", [(name, "demo.pth") for name in LOADERS] + [("train_net --eval-only", "demo_budgets.pth")]
+)
+def test_weights_of_another_granularity_set_are_refused_by_every_loader(loader, weights, demo_weights, tmp_path):
+    opts = ("MODEL.WEIGHTS", str(demo_weights / weights), *OTHER_PHI)
+    with pytest.raises(RuntimeError, match=BOTH_SETS + ".*MODEL.ALLOW_PARTIAL_WEIGHTS True"):
+        LOADERS[loader](opts, tmp_path)
+
+
+def test_weights_of_other_options_load_when_allowed_keeping_the_routers(demo_weights, caplog):
+    other = _demo_model(*OTHER_PHI)
+    routers = {k: v.clone() for k, v in other.state_dict().items() if ".router." in k}
+    caplog.set_level(logging.WARNING)
+    AtomicCheckpointer(other, allow_partial=True).load(str(demo_weights / "demo.pth"))
+    assert "loading all but the routers" in caplog.text
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in routers.items())
+    predictor = Predictor(load_config(DEMO, FAST + ["MODEL.WEIGHTS", str(demo_weights / "demo.pth"), *OTHER_PHI,
+                                                    "MODEL.ALLOW_PARTIAL_WEIGHTS", "True"]))
+    assert predictor.model.backbone.bottom_up.stages[0].blocks[0].granularities == (2, 4, 8)
+    AtomicCheckpointer(_demo_model()).load(str(demo_weights / "demo.pth"))  # the same options load
+
+
+def test_timm_load_state_dict_refuses_other_options_and_says_when_a_file_has_none(caplog):
+    import timm
+
+    weights = timm.create_model("pvt_tiny_dge").state_dict()
+    other = timm.create_model("pvt_tiny_dge", dge={"granularities": (2, 4, 8)})
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=BOTH_SETS):
+            other.load_state_dict(weights, strict=strict)
+    old = {k: v for k, v in weights.items() if not k.endswith("._extra_state")}  # written before the options
+    caplog.set_level(logging.WARNING)
+    assert not other.load_state_dict(old).missing_keys
+    assert caplog.text.count("carry no DGE options") == 1  # one line per load, not one per block
 
 
 def test_a_run_stopped_while_writing_model_final_writes_it_on_resume(data_root, tmp_path):

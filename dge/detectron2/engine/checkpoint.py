@@ -1,6 +1,7 @@
 """A DetectionCheckpointer whose files are never half-written, that names the file and the
-cause of a failed read or write, that refuses weights trained under other DGE options, and
+cause of a failed read or write, that loads weights of other DGE options only when allowed, and
 that never saves (or loads) a model with NaN or inf in it."""
+import contextlib
 import glob
 import os
 from typing import Any, Dict, List, Optional
@@ -10,23 +11,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from dge.files import atomic_save, atomic_write_text
-from dge.layers import dge_modules, is_router_state
+from dge.layers import allow_other_options, is_dge_state
 
-__all__ = ["AtomicCheckpointer", "first_nonfinite", "routing_options", "remove_unfinished_writes"]
+__all__ = ["AtomicCheckpointer", "first_nonfinite", "load_weights", "other_options_allowed", "remove_unfinished_writes"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
-ROUTING_KEY = "dge_routing"  # the checkpoint entry of ``routing_options``
-
-
-def routing_options(model: nn.Module) -> List[Dict]:
-    """The options of the model's DGE blocks that its router weights depend on (Φ, region
-    size, routing kind): one entry per distinct set, in forward order ([] without DGE)."""
-    found: List[Dict] = []
-    for m in dge_modules(model):
-        entry = {"granularities": list(m.granularities), "region_size": m.region_size, "routing": m.routing}
-        if entry not in found:
-            found.append(entry)
-    return found
 
 
 def first_nonfinite(state: Dict[str, Any]) -> Optional[str]:
@@ -40,12 +29,6 @@ def first_nonfinite(state: Dict[str, Any]) -> Optional[str]:
     if bool(finite.all()):
         return None
     return names[int((~finite).nonzero()[0, 0])]
-
-
-def _describe(options: List[Dict]) -> str:
-    return "; ".join(
-        f"granularities {o['granularities']}, region size {o['region_size']}, routing {o['routing']!r}" for o in options
-    )
 
 
 def remove_unfinished_writes(folder: str) -> List[str]:
@@ -108,33 +91,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
                              "run diverged; load an earlier checkpoint")
         return loaded
 
-    def _check_routing_options(self, checkpoint) -> None:
-        """Router weights trained under one Φ / region size / routing kind route differently
-        under another of the same tensor shapes: refused unless ``allow_partial``."""
-        saved, here = checkpoint.get(ROUTING_KEY), routing_options(self.model)
-        if not saved or not here or saved == here:
-            return
-        message = (
-            f"the checkpoint was trained with DGE {_describe(saved)}; this model has {_describe(here)} "
-            "(MODEL.DGE.GRANULARITIES / REGION_SIZE / ROUTING)"
-        )
-        if not self.allow_partial:
-            raise ValueError(
-                f"{message}: set them as the checkpoint has them, or MODEL.ALLOW_PARTIAL_WEIGHTS True to load anyway"
-            )
-        self.logger.warning(f"{message}; loaded anyway (MODEL.ALLOW_PARTIAL_WEIGHTS)")
-
     def _load_model(self, checkpoint):
         """detectron2's loading, then: a file that gives the backbone (almost) none of its
-        tensors, or whose routers were trained under other DGE options, stops with what it
-        holds and what the model expected, unless ``allow_partial``
-        (MODEL.ALLOW_PARTIAL_WEIGHTS); otherwise one line says how much of the backbone and
-        of the rest it loaded."""
-        self._check_routing_options(checkpoint)
+        tensors stops with what it holds and what the model expected, unless
+        ``allow_partial`` (MODEL.ALLOW_PARTIAL_WEIGHTS, which also loads weights trained under
+        other DGE options: ``dge.layers.allow_other_options``); otherwise one line says how
+        much of the backbone and of the rest it loaded."""
         held = list(checkpoint.get("model", {}))
-        incompatible = super()._load_model(checkpoint)
+        with allow_other_options() if self.allow_partial else contextlib.nullcontext():
+            incompatible = super()._load_model(checkpoint)  # DGE options: checked by each block as it loads
         self.last_incompatible = incompatible
-        expected = [k for k in self.model.state_dict() if k.startswith("backbone.") and not is_router_state(k)]
+        expected = [k for k in self.model.state_dict() if k.startswith("backbone.") and not is_dge_state(k)]
         if not expected:
             return incompatible
         bad = set(incompatible.missing_keys) | {k for k, *_ in incompatible.incorrect_shapes}
@@ -153,7 +120,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict(), ROUTING_KEY: routing_options(self.model)}
+        data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -171,3 +138,19 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
+
+
+def other_options_allowed(cfg):
+    """A context in which loading weights trained under other DGE options keeps this model's
+    routers (``dge.layers.allow_other_options``) when MODEL.ALLOW_PARTIAL_WEIGHTS is set;
+    otherwise such weights are refused."""
+    return allow_other_options() if cfg.MODEL.get("ALLOW_PARTIAL_WEIGHTS", False) else contextlib.nullcontext()
+
+
+def load_weights(model: nn.Module, cfg) -> AtomicCheckpointer:
+    """Loads cfg.MODEL.WEIGHTS into ``model`` as train_net.py does (checked: the file, NaN,
+    the backbone's share, DGE options; MODEL.ALLOW_PARTIAL_WEIGHTS relaxes the last two);
+    returns the checkpointer (``last_incompatible``: what did not load)."""
+    checkpointer = AtomicCheckpointer(model, allow_partial=cfg.MODEL.ALLOW_PARTIAL_WEIGHTS)
+    checkpointer.load(cfg.MODEL.WEIGHTS, checkpointables=[])
+    return checkpointer

@@ -8,6 +8,8 @@ from detectron2.engine import DefaultPredictor
 
 from dge.config import load_config
 
+from .checkpoint import other_options_allowed
+
 __all__ = ["Predictor", "as_predictor_image", "tool_predictor"]
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,14 @@ def as_predictor_image(image) -> np.ndarray:
 
 
 class Predictor(DefaultPredictor):
-    """``DefaultPredictor(cfg)`` that checks and converts its input (``as_predictor_image``)."""
+    """``DefaultPredictor(cfg)`` that checks and converts its input (``as_predictor_image``);
+    weights of other DGE options load under MODEL.ALLOW_PARTIAL_WEIGHTS only, keeping this
+    model's routers (detectron2's own predictor refuses them too; it loads them inside
+    ``with dge.allow_other_options():``)."""
+
+    def __init__(self, cfg):
+        with other_options_allowed(cfg):
+            super().__init__(cfg)
 
     def __call__(self, original_image):
         return super().__call__(as_predictor_image(original_image))
