@@ -5,7 +5,8 @@ import torch
 
 from dge.layers.calibration import randomize_routers
 from dge.analysis.export_checks import swap_check
-from dge.export import ExportedModel, ExportError, RoutedOutputs, export_module, max_difference
+from dge.export import ExportedModel, ExportError, RoutedOutputs, export_module, max_difference, onnxruntime_session
+from dge.onnx_ops import FUSED_ATTENTION
 from dge.layers import dge_modules
 from dge.models import PyramidVisionTransformer
 from model_helpers import PATCHED_MODELS, recorded, routed_patched_model
@@ -61,6 +62,51 @@ def test_an_exported_model_follows_each_inputs_routing(tmp_path, fmt, attention,
         assert max_difference(eager, out) < 1e-4
         assert float(out["dge.beta"][0]) == pytest.approx(float(eager["dge.beta"][0]), abs=1e-6)
     assert len(routings) == 4  # every input routed differently, none like the export image
+
+
+def onnx_nodes(path: str) -> list:
+    import onnx
+
+    return list(onnx.load(path, load_external_data=False).graph.node)
+
+
+def fused_attention(path: str) -> list:
+    """The ONNX file's fused attention nodes (ONNX Runtime's MultiHeadAttention)."""
+    return [n for n in onnx_nodes(path) if (n.domain, n.op_type) == FUSED_ATTENTION]
+
+
+def test_onnx_attention_is_one_fused_op_and_sessions_are_set_as_documented(tmp_path):
+    pytest.importorskip("onnxruntime", reason="running ONNX files needs onnxruntime")
+    import onnxruntime
+
+    model, path = tiny_dge_pyramid(), str(tmp_path / "model.onnx")
+    export_module(model, inputs(1)[0], path, "onnx")
+    fused = fused_attention(path)
+    assert len(fused) == 4 and not [n for n in onnx_nodes(path) if n.op_type == "Softmax"]  # one block per stage
+    assert {a.name: a.i for a in fused[0].attribute if a.name == "num_heads"} == {"num_heads": 1}
+    options = onnxruntime_session(path, threads=2).get_session_options()
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.execution_mode == onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    assert options.enable_cpu_mem_arena and not options.enable_profiling
+
+
+class _Pools(torch.nn.Module):
+    """DGE's patch means (k×k, ceil mode: border patches average their valid tokens) and, as
+    ONNX's AveragePool, a pooling of another kind."""
+
+    def forward(self, x):
+        means = [torch.nn.functional.avg_pool2d(x, k, ceil_mode=True) for k in (2, 4)]
+        return {"2": means[0], "4": means[1], "other": torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)}
+
+
+def test_onnx_patch_means_are_sums_on_the_channels_last_map(tmp_path):
+    pytest.importorskip("onnxruntime", reason="running ONNX files needs onnxruntime")
+    x, path = torch.randn(1, 8, 19, 21), str(tmp_path / "pools.onnx")  # 19×21: border patches of 2 and 4 cut
+    export_module(_Pools(), x, path, "onnx")
+    kinds = [n.op_type for n in onnx_nodes(path)]
+    assert kinds.count("AveragePool") == 1 and kinds.count("ReduceSum") == 4
+    assert max_difference(ExportedModel(path)(x), _Pools()(x)) < 1e-5
 
 
 def test_exported_under_all_fine_routing_runs_mixed_routing_and_the_reverse():
@@ -128,3 +174,5 @@ def test_patched_models_export_to_onnx_and_torchscript_and_stay_dynamic(tmp_path
         outputs = [(exported(image), wrapped(image)) for image in (x[:1], x[1:])]
     assert all(max_difference(a, b) <= 1e-5 for a, b in outputs)
     assert not torch.equal(outputs[0][1]["dge.beta"], outputs[1][1]["dge.beta"])
+    if fmt == "onnx":  # every attention (DGE's queries, windows with their bias, vanilla blocks) as one fused op
+        assert len(fused_attention(str(tmp_path / "model.onnx"))) >= len(dge_modules(model))
