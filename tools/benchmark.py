@@ -27,6 +27,7 @@ are the real photographs scikit-image ships, resized to each size.
 """
 import argparse
 import json
+import re
 
 import dge  # noqa: F401
 from dge.analysis.benchmark import BenchmarkSpec, run_benchmark, run_in_processes
@@ -57,8 +58,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
     parser.add_argument(
-        "--runtime", default="eager", choices=RUNTIMES,
-        help="backbone in eager PyTorch, as a torch.export program, in onnxruntime, or torch.compile'd",
+        "--runtime", nargs="+", default=["eager"], metavar="{" + ",".join(RUNTIMES) + "}",
+        help="backbone in eager PyTorch, as a torch.export program, in onnxruntime, or torch.compile'd; several "
+        "are measured interleaved in one process (rows 'backbone', 'backbone@onnxruntime', ...)",
+    )
+    parser.add_argument(
+        "--op-profile", action="store_true",
+        help="also profile each runtime op by op (torch's profiler; ONNX Runtime's for onnxruntime) and print "
+        "the table of ms per run (dge.analysis.op_profile)",
     )
     parser.add_argument(
         "--precision", default="fp32", choices=list(PRECISIONS),
@@ -87,14 +94,29 @@ def parse_size(text: str):
     return int(h), int(w)
 
 
+def split_runtimes(parser, args) -> None:
+    """``--runtime eager onnxruntime MODEL.X y``: the runtimes end at the first config key, which
+    starts the overrides; any other unknown value is an error."""
+    known = [r in RUNTIMES for r in args.runtime]
+    end = known.index(False) if False in known else len(known)
+    rest = args.runtime[end:]
+    if rest and not re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", rest[0]):
+        parser.error(f"--runtime: {rest[0]!r} is not one of {', '.join(RUNTIMES)}")
+    if not end:
+        parser.error(f"--runtime needs one of {', '.join(RUNTIMES)}")
+    args.runtime, args.opts = args.runtime[:end], rest + args.opts
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be >= 1; got {args.processes}")
+    split_runtimes(parser, args)
     spec = BenchmarkSpec(
         config_file=args.config_file, opts=tuple(args.opts), sizes=tuple(parse_size(s) for s in args.sizes),
-        batch=tuple(args.batch), what=tuple(args.what), runtime=args.runtime, precision=args.precision,
+        batch=tuple(args.batch), what=tuple(args.what), runtimes=tuple(args.runtime), op_profile=args.op_profile,
+        precision=args.precision,
         target_beta=args.target_beta, per_block=args.calibration == "per-block", runs=args.runs,
         warmup=args.warmup, memory=args.memory,
     )

@@ -16,6 +16,7 @@ import torch
 from ..config import load_config
 from ..layers import complexity_report, record_routing
 from ..layers.calibration import calibrate, set_logit_offset
+from .op_profile import onnxruntime_op_times, op_table, torch_op_times
 from .latency import (
     build_models,
     case_functions,
@@ -32,6 +33,7 @@ from .latency import (
 
 __all__ = [
     "BenchmarkSpec",
+    "row_key",
     "run_benchmark",
     "run_in_processes",
     "cpu_peak_memory",
@@ -48,7 +50,8 @@ class BenchmarkSpec:
     sizes: Tuple[Tuple[int, int], ...] = ((800, 1280),)
     batch: Tuple[int, ...] = (1,)
     what: Tuple[str, ...] = ("backbone",)
-    runtime: str = "eager"
+    runtimes: Tuple[str, ...] = ("eager",)  # measured interleaved in one process
+    op_profile: bool = False  # also time each op (dge.analysis.op_profile): "ops_ms" per variant
     precision: str = "fp32"
     target_beta: float = 0.5
     per_block: bool = False  # calibration: one offset per router (else one shared offset)
@@ -92,31 +95,58 @@ def _route(spec: BenchmarkSpec, setup: _Setup, x: torch.Tensor) -> dict:
     return case
 
 
-def _timed(spec: BenchmarkSpec, setup: _Setup, what: str, x, inputs) -> dict:
-    """Interleaved runs of vanilla and DGE: median / min / max ms per variant and the ratio."""
-    sync = device_sync(setup.device)
+def row_key(what: str, runtime: str) -> str:
+    """A case's key for one (what, runtime): ``what`` in eager PyTorch, else ``what@runtime``."""
+    return what if runtime == "eager" else f"{what}@{runtime}"
+
+
+def _runtime_cases(spec: BenchmarkSpec, setup: _Setup, what: str, x, inputs, workdir: str) -> dict:
+    """{(runtime, variant): function} for every runtime of ``spec`` (exports made here)."""
+    cases = {}
+    with torch.no_grad():
+        for runtime in spec.runtimes:
+            functions = case_functions(what, setup.models, x, inputs, setup.cfg.MODEL.DGE.BUDGET, runtime, workdir)
+            for k, fn in functions.items():
+                cases[runtime, k] = with_precision(fn, setup.device, spec.precision)
+    return cases
+
+
+def _op_times(runtime: str, fn, x) -> Dict[str, float]:
+    """{op: ms per run} of one case: ONNX Runtime's profile for its files, torch's otherwise."""
+    if runtime == "onnxruntime":
+        return onnxruntime_op_times(fn.export_path, x)
+    return torch_op_times(fn)
+
+
+def _timed(spec: BenchmarkSpec, setup: _Setup, what: str, x, inputs) -> Dict[str, dict]:
+    """Interleaved runs of vanilla and DGE in every runtime: {row_key: row}, a row holding
+    median / min / max ms per variant, the ratio, and outside eager the largest difference to
+    eager's outputs."""
     grad = torch.enable_grad if what == "train" else torch.inference_mode
     with tempfile.TemporaryDirectory() as workdir:
-        with torch.no_grad():
-            cases = case_functions(what, setup.models, x, inputs, setup.cfg.MODEL.DGE.BUDGET, spec.runtime, workdir)
-        cases = {k: with_precision(fn, setup.device, spec.precision) for k, fn in cases.items()}
+        cases = _runtime_cases(spec, setup, what, x, inputs, workdir)
         with grad():
-            samples = timed_interleaved(cases, spec.runs, spec.warmup, sync)
-        row = {
-            k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "max_ms": round(max(v), 2)}
-            for k, v in samples.items()
-        }
-        if spec.runtime != "eager":
-            with torch.inference_mode():
-                for k, fn in cases.items():
-                    row[k]["max_abs_diff_to_eager"] = largest_difference(fn, setup.models[k].backbone.bottom_up, x)
-    if spec.precision != "fp32" and what == "backbone":
-        with torch.inference_mode():
-            for k, m in setup.models.items():
-                row[k].update(precision_check(m.backbone.bottom_up, x, setup.device, spec.precision))
-    row.update(ratio=round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4), runtime=spec.runtime,
-               precision=spec.precision)
-    return row
+            samples = timed_interleaved(cases, spec.runs, spec.warmup, device_sync(setup.device))
+        rows = {}
+        for runtime in spec.runtimes:
+            row = {k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2),
+                       "max_ms": round(max(v), 2)} for (rt, k), v in samples.items() if rt == runtime}
+            if runtime != "eager":
+                with torch.inference_mode():
+                    for k in row:
+                        model = setup.models[k].backbone.bottom_up
+                        row[k]["max_abs_diff_to_eager"] = largest_difference(cases[runtime, k], model, x)
+            if spec.op_profile:
+                for k in row:
+                    row[k]["ops_ms"] = _op_times(runtime, cases[runtime, k], x)
+            if spec.precision != "fp32" and what == "backbone":
+                with torch.inference_mode():
+                    for k, m in setup.models.items():
+                        row[k].update(precision_check(m.backbone.bottom_up, x, setup.device, spec.precision))
+            row.update(ratio=round(row["dge"]["median_ms"] / row["vanilla"]["median_ms"], 4), runtime=runtime,
+                       precision=spec.precision)
+            rows[row_key(what, runtime)] = row
+    return rows
 
 
 def _peak_memory(spec: BenchmarkSpec, setup: _Setup, what: str, hw, batch: int, offset) -> Dict[str, dict]:
@@ -158,13 +188,17 @@ def run_benchmark(spec: BenchmarkSpec, say=print) -> dict:
             inputs = [{"image": img, "height": hw[0], "width": hw[1]} for img in images]
             case = dict(size=list(hw), batch=batch, **_route(spec, setup, x))
             for what in spec.what:
-                row = _timed(spec, setup, what, x, inputs)
-                if spec.memory:
+                rows = _timed(spec, setup, what, x, inputs)
+                if spec.memory and what in rows:
                     offset = case.get("calibrated_logit_offsets")
                     for variant, numbers in _peak_memory(spec, setup, what, hw, batch, offset).items():
-                        row[variant].update(numbers)
-                case[what] = row
-                say(_case_line(what, hw, batch, case, row))
+                        rows[what][variant].update(numbers)
+                case.update(rows)
+                for key, row in rows.items():
+                    say(_case_line(what, hw, batch, case, row))
+                if spec.op_profile:
+                    say(op_table({f"{k} {row['runtime']}": row[k]["ops_ms"] for row in rows.values()
+                                  for k in ("vanilla", "dge")}))
             results["cases"].append(case)
     return results
 
@@ -190,7 +224,7 @@ def run_in_processes(spec: BenchmarkSpec, processes: int, say=print) -> dict:
     ratio's median and range over them (``summarise_processes``): on a 2-core CPU the DGE
     latency differs between processes by up to 10% (glibc's allocation thresholds)."""
     runs = [_in_fresh_process(run_benchmark, spec) for _ in range(processes)]
-    return summarise_processes(runs, spec.what, say)
+    return summarise_processes(runs, [row_key(w, rt) for w in spec.what for rt in spec.runtimes], say)
 
 
 def summarise_processes(runs: Sequence[dict], whats: Sequence[str], say=print) -> dict:

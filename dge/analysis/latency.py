@@ -166,7 +166,8 @@ def backbone_runner(backbone, x, runtime: str, workdir: str):
     """A function running ``backbone`` on ``x`` in ``runtime``: eager; ``exported``
     (torch.export, the program's module); ``onnxruntime`` (ONNX of the exported program,
     onnxruntime on torch's thread count); ``compile`` (``torch.compile``, dynamic query
-    counts captured as unbacked sizes). Exports and compiles happen here, before timing."""
+    counts captured as unbacked sizes). Exports and compiles happen here, before timing; an
+    exported runner's ``export_path`` is its file."""
     if runtime == "eager":
         return lambda: backbone(x)
     if runtime == "compile":
@@ -178,7 +179,12 @@ def backbone_runner(backbone, x, runtime: str, workdir: str):
     path = os.path.join(workdir, f"{id(backbone)}{FILE_SUFFIXES[fmt]}")
     export_module(module, x, path, fmt)
     exported = ExportedModel(path)
-    return lambda: exported(x)
+
+    def run():
+        return exported(x)
+
+    run.export_path = path  # for op_profile
+    return run
 
 
 def case_functions(what, models, x, inputs, budget, runtime="eager", workdir=None):

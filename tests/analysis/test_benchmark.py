@@ -59,6 +59,20 @@ def test_repeats_in_fresh_processes_and_summarises_each_ratio(tmp_path):
     assert row["ratio_median"] == pytest.approx(sum(each) / 2, abs=1e-4)
 
 
+def test_several_runtimes_are_measured_interleaved_with_each_ops(tmp_path, one_thread):
+    out = tmp_path / "bench.json"
+    argv = ["--config-file", CONFIG, "--sizes", "128x160", "--runs", "1", "--warmup", "0", "--op-profile"]
+    benchmark.main(argv + ["--json", str(out), "--runtime", "eager", "onnxruntime", "MODEL.DGE.GUMBEL_TAU", "1.0"])
+    (case,) = json.loads(out.read_text())["cases"]
+    assert (case["backbone"]["runtime"], case["backbone@onnxruntime"]["runtime"]) == ("eager", "onnxruntime")
+    for variant in ("vanilla", "dge"):
+        assert case["backbone@onnxruntime"][variant]["max_abs_diff_to_eager"] < 1e-4
+        assert "addmm" in case["backbone"][variant]["ops_ms"]  # torch's profile: aten ops
+        assert "MultiHeadAttention" in case["backbone@onnxruntime"][variant]["ops_ms"]  # ONNX Runtime's: its ops
+    with pytest.raises(SystemExit):
+        benchmark.main(argv + ["--runtime", "onnx"])  # not a runtime, not a config key
+
+
 def test_a_timm_model_against_itself_patched(one_thread):
     results = benchmark.main(
         ["--timm-model", "vit_small_patch16_224", "--sizes", "64x96", "--batch", "1", "2", "--runs", "1", "--warmup", "0"]
