@@ -351,8 +351,10 @@ class DynamicGrainedEncoder(nn.Module):
         rows = packing.rows if b > 1 else None
         y = run(queries[None], x, hw, centers[None], rows, **self._map_args(layout, packing, b))[0]
         extra_out = y.index_select(0, packing.extra_rows()).view(b, e, c) if e else None
-        # The update ŷ - q of each query; in place when no gradient flows (saves a buffer).
-        delta = y - queries if torch.is_grad_enabled() else y.sub_(queries)
+        # The update ŷ - q of each query; in place when no gradient flows (saves a buffer), but not in a
+        # graph: y is a view of the block's output there, and a capture writes an in-place update of a
+        # view as a copy of the whole output (select_scatter).
+        delta = y - queries if torch.is_grad_enabled() or capturing else y.sub_(queries)
         chosen_p = decision.chosen_p
         if chosen_p is not None:
             st = (1.0 + chosen_p - chosen_p.detach()).to(delta.dtype)  # Eq. 6 (router scores are float32)
