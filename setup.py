@@ -6,7 +6,7 @@ your timm models, the DGE layer, the PVT / DPVT / DeiT models. The extras add th
 ``[detectron2]`` what the detectron2 front door (``train_net.py``, the configs, the tools)
 needs beside detectron2 itself (not on PyPI: tools/setup/build_detectron2.py builds v0.6,
 or build it from its sources), ``[analysis]`` FLOP counts and figures, ``[export]`` ONNX
-files and onnxruntime, ``[test]`` the suite, ``[all]`` every one. ``requirements.txt`` is
+files, ONNX Runtime and OpenVINO, ``[test]`` the suite, ``[all]`` every one. ``requirements.txt`` is
 the pinned set that ``tools/setup/setup_env.sh`` (the README's set-up) installs.
 """
 import re
@@ -23,7 +23,7 @@ EXTRAS = {
         "matplotlib", "PyYAML", "tensorboard", "tqdm", "tabulate",
     ],
     "analysis": ["fvcore", "matplotlib", "PyYAML", "tqdm"],
-    "export": ["onnx", "onnxscript", "onnxruntime"],
+    "export": ["onnx", "onnxscript", "onnxruntime", "openvino"],
 }
 EXTRAS["test"] = sorted({"pytest", "pytest-xdist", *EXTRAS["detectron2"], *EXTRAS["analysis"], *EXTRAS["export"]})
 EXTRAS["all"] = sorted({r for extra in EXTRAS.values() for r in extra})

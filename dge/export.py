@@ -41,6 +41,7 @@ __all__ = [
     "binary_differences",
     "max_difference",
     "onnxruntime_session",
+    "openvino_model",
 ]
 
 FORMATS = ("exported", "onnx", "torchscript")
@@ -178,16 +179,30 @@ def onnxruntime_session(path: str, threads: Optional[int] = None, profile_prefix
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
+def openvino_model(path: str, threads: Optional[int] = None, profile: bool = False):
+    """An ONNX file compiled by OpenVINO for the CPU: latency hint, ``threads`` inference
+    threads (default torch's), float32 (OpenVINO would otherwise run bfloat16 where the CPU
+    has it); ``profile``: per-node times (``profiling_info`` of an infer request)."""
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ImportError("running ONNX files in OpenVINO needs openvino: pip install openvino") from exc
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+              "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": profile}
+    return openvino.Core().compile_model(path, "CPU", config)
+
+
 class ExportedModel:
     """A file written by ``export_module`` / ``dge.detectron2.export_detectron2_model``, ready to run.
 
     ``model(x)`` takes what the export was made from (``[1, C, H, W]`` for a module, a
     ``[C, H, W]`` image for a detectron2 model) and returns the same structure as the eager
     model: a dict of tensors, or detectron2's list of output dicts. An input of another
-    shape than the export's is refused with a message that says which it takes.
+    shape than the export's is refused with a message that says which it takes. ONNX files
+    run in ``runtime`` "onnxruntime" (``onnxruntime_session``) or "openvino" (``openvino_model``).
     """
 
-    def __init__(self, path: str, threads: Optional[int] = None):
+    def __init__(self, path: str, threads: Optional[int] = None, runtime: str = "onnxruntime"):
         meta_path = path + ".json"
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path} is missing: export with dge.export (tools/export_model.py)")
@@ -201,6 +216,9 @@ class ExportedModel:
         self._schema = None
         if self.format == "exported":
             self._run = torch.export.load(path).module()
+        elif self.format == "onnx" and runtime == "openvino":
+            compiled = openvino_model(path, threads)
+            self._run = lambda x: [torch.from_numpy(v) for v in compiled(x.numpy()).values()]
         elif self.format == "onnx":
             session = onnxruntime_session(path, threads)
             input_name = session.get_inputs()[0].name

@@ -91,6 +91,22 @@ def test_onnx_attention_is_one_fused_op_and_sessions_are_set_as_documented(tmp_p
     assert options.enable_cpu_mem_arena and not options.enable_profiling
 
 
+def test_onnx_files_run_in_openvino_and_stay_dynamic(tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO runs ONNX files (requirements.txt installs it)")
+    model, path = tiny_dge_pyramid(), str(tmp_path / "model.onnx")
+    export_image, *others = inputs(4)
+    export_module(model, export_image, path, "onnx")  # fused attention and all: OpenVINO reads ONNX Runtime's op
+    openvino = ExportedModel(path, runtime="openvino")
+    betas = []
+    for x in [export_image] + others:
+        with torch.no_grad():
+            eager = model(x)
+        out = openvino(x)
+        assert max_difference(eager, out) < 1e-4
+        betas.append(float(out["dge.beta"][0]))
+    assert len(set(betas)) == 4  # every input routed anew
+
+
 class _Pools(torch.nn.Module):
     """DGE's patch means (k×k, ceil mode: border patches average their valid tokens) and, as
     ONNX's AveragePool, a pooling of another kind."""

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "dge"
 # What the core must not need: detectron2 and the heavy dependencies of the other layers.
 HEAVY = (
     "detectron2", "fvcore", "iopath", "yacs", "pycocotools", "cv2", "matplotlib", "onnx", "onnxruntime",
-    "onnxscript", "skimage", "scipy", "tensorboard", "tqdm", "tabulate",
+    "onnxscript", "openvino", "skimage", "scipy", "tensorboard", "tqdm", "tabulate",
 )
 # The layers, lowest first: a module imports only from its own package or from lower ranks.
 RANKS = {
@@ -27,6 +27,7 @@ RANKS = {
     "dge.models": 1,
     "dge.adapters": 1,
     "dge.export": 2,
+    "dge.onnx_ops": 2,
     "dge.config": 3,
     "dge.detectron2": 3,
     "dge.analysis": 4,

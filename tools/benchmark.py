@@ -59,12 +59,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--what", nargs="+", default=["backbone"], choices=["backbone", "model", "train"])
     parser.add_argument(
         "--runtime", nargs="+", default=["eager"], metavar="{" + ",".join(RUNTIMES) + "}",
-        help="backbone in eager PyTorch, as a torch.export program, in onnxruntime, or torch.compile'd; several "
-        "are measured interleaved in one process (rows 'backbone', 'backbone@onnxruntime', ...)",
+        help="backbone in eager PyTorch, as a torch.export program, in ONNX Runtime, in OpenVINO, or "
+        "torch.compile'd; several are measured interleaved in one process (rows 'backbone', "
+        "'backbone@onnxruntime', ...)",
     )
     parser.add_argument(
         "--op-profile", action="store_true",
-        help="also profile each runtime op by op (torch's profiler; ONNX Runtime's for onnxruntime) and print "
+        help="also profile each runtime op by op (torch's profiler; ONNX Runtime's, OpenVINO's counters) and print "
         "the table of ms per run (dge.analysis.op_profile)",
     )
     parser.add_argument(

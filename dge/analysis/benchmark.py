@@ -16,7 +16,7 @@ import torch
 from ..config import load_config
 from ..layers import complexity_report, record_routing
 from ..layers.calibration import calibrate, set_logit_offset
-from .op_profile import onnxruntime_op_times, op_table, torch_op_times
+from .op_profile import onnxruntime_op_times, op_table, openvino_op_times, torch_op_times
 from .latency import (
     build_models,
     case_functions,
@@ -112,9 +112,12 @@ def _runtime_cases(spec: BenchmarkSpec, setup: _Setup, what: str, x, inputs, wor
 
 
 def _op_times(runtime: str, fn, x) -> Dict[str, float]:
-    """{op: ms per run} of one case: ONNX Runtime's profile for its files, torch's otherwise."""
+    """{op: ms per run} of one case: ONNX Runtime's or OpenVINO's profile for ONNX files, torch's
+    otherwise."""
     if runtime == "onnxruntime":
         return onnxruntime_op_times(fn.export_path, x)
+    if runtime == "openvino":
+        return openvino_op_times(fn.export_path, x)
     return torch_op_times(fn)
 
 

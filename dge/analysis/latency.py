@@ -159,13 +159,13 @@ def build_models(cfg, variants=("vanilla", "dge")):
     return models, trained
 
 
-RUNTIMES = ("eager", "exported", "onnxruntime", "compile")
+RUNTIMES = ("eager", "exported", "onnxruntime", "openvino", "compile")
 
 
 def backbone_runner(backbone, x, runtime: str, workdir: str):
     """A function running ``backbone`` on ``x`` in ``runtime``: eager; ``exported``
-    (torch.export, the program's module); ``onnxruntime`` (ONNX of the exported program,
-    onnxruntime on torch's thread count); ``compile`` (``torch.compile``, dynamic query
+    (torch.export, the program's module); ``onnxruntime`` / ``openvino`` (ONNX of the exported
+    program in ONNX Runtime / OpenVINO, on torch's thread count); ``compile`` (``torch.compile``, dynamic query
     counts captured as unbacked sizes). Exports and compiles happen here, before timing; an
     exported runner's ``export_path`` is its file."""
     if runtime == "eager":
@@ -178,7 +178,7 @@ def backbone_runner(backbone, x, runtime: str, workdir: str):
     fmt = "exported" if runtime == "exported" else "onnx"
     path = os.path.join(workdir, f"{id(backbone)}{FILE_SUFFIXES[fmt]}")
     export_module(module, x, path, fmt)
-    exported = ExportedModel(path)
+    exported = ExportedModel(path, runtime=runtime if runtime == "openvino" else "onnxruntime")
 
     def run():
         return exported(x)

@@ -1,6 +1,7 @@
 """Where the time goes, op by op, in each runtime: eager PyTorch and a ``torch.export``
 program through torch's profiler (self CPU time per aten op), an ONNX file through
-ONNX Runtime's profiler (kernel time per ONNX op type). ``tools/benchmark.py --op-profile``
+ONNX Runtime's profiler (kernel time per ONNX op type) or OpenVINO's counters (time per
+node type of its compiled graph). ``tools/benchmark.py --op-profile``
 prints the table (``op_table``)."""
 import json
 import os
@@ -9,7 +10,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["torch_op_times", "onnxruntime_op_times", "op_table"]
+__all__ = ["torch_op_times", "onnxruntime_op_times", "openvino_op_times", "op_table"]
 
 
 def torch_op_times(fn: Callable[[], object], runs: int = 3) -> Dict[str, float]:
@@ -48,6 +49,21 @@ def onnxruntime_op_times(path: str, x: torch.Tensor, runs: int = 3, threads: Opt
     for e in nodes[len(nodes) // (runs + 1):]:  # the first call's nodes are the warm-up
         per_run[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
     return dict(per_run)
+
+
+def openvino_op_times(path: str, x: torch.Tensor, runs: int = 3) -> Dict[str, float]:
+    """{OpenVINO node type: ms per run} of ``runs`` calls of the ONNX file ``path`` compiled as
+    ``dge.export.openvino_model`` compiles it, from its per-node counters (after one call)."""
+    from dge.export import openvino_model
+
+    request = openvino_model(path, profile=True).create_infer_request()
+    request.infer(x.numpy())
+    times: Dict[str, float] = defaultdict(float)
+    for _ in range(runs):
+        request.infer(x.numpy())
+        for node in request.profiling_info:
+            times[node.node_type] += node.real_time.total_seconds() * 1e3 / runs
+    return dict(times)
 
 
 def op_table(columns: Mapping[str, Mapping[str, float]], top: int = 10) -> str:
