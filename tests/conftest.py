@@ -52,8 +52,14 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def dge_logs_reach_caplog():
-    """train_net.py and the tools set up the dge logger as detectron2 sets up its own (its own
-    handlers, propagate off); tests read its lines with pytest's caplog, on the root logger."""
-    logging.getLogger("dge").propagate = True
+def dge_logs_reach_caplog(caplog):
+    """The dge logger's lines reach pytest's caplog through a handler on the dge logger itself:
+    train_net.py and the tools set it up as detectron2 sets up its own (propagation off, the
+    first time in a process only), so propagation to the root logger depends on test order."""
+    logger = logging.getLogger("dge")
+    propagate = logger.propagate
+    logger.propagate = False  # each line once, whether or not a tool set the logger up
+    logger.addHandler(caplog.handler)
     yield
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate

@@ -23,6 +23,7 @@ from dge.layers.calibration import randomize_routers, set_logit_offset
 from dge.config import load_config
 from detectron2.engine import DefaultPredictor
 from dge.detectron2.engine import AtomicCheckpointer, Predictor
+from dge.detectron2.engine.checkpoint import first_nonfinite
 import dge.files
 from repo import load_tool
 from train_helpers import DEMO, FAST, run_args
@@ -252,6 +253,21 @@ def test_a_run_that_diverges_names_its_last_finite_checkpoint(data_root, tmp_pat
     last = out / (out / "last_checkpoint").read_text()
     assert f"the last finite checkpoint is {last}" in (out / "log.txt").read_text()
     AtomicCheckpointer(torch.nn.Linear(1, 1), allow_partial=True).load(str(last))  # finite: it loads
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_resumes_from_the_start(data_root, tmp_path):
+    """The issue's case (BASE_LR 30, a checkpoint every 2 iterations): the model is NaN at the
+    first save, so nothing is written, and --resume at a safe rate trains from the start."""
+    out = tmp_path / "run"
+    common = ("SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0",
+              "OUTPUT_DIR", str(out))
+    with pytest.raises(FloatingPointError):
+        train_net.main(run_args("SOLVER.MAX_ITER", "8", "SOLVER.BASE_LR", "30.0", *common))
+    assert not (out / "last_checkpoint").exists() and not list(out.glob("*.pth"))
+    assert "the last finite checkpoint is none" in (out / "log.txt").read_text()
+    train_net.main(run_args("SOLVER.MAX_ITER", "2", "SOLVER.BASE_LR", "0.001", *common, resume=True))
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert first_nonfinite(torch.load(out / "model_final.pth", weights_only=False)["model"]) is None
 
 
 def test_one_run_per_output_dir(tmp_path):
