@@ -12,7 +12,7 @@ from torch import nn
 
 from ..export import ExportedModel, RoutedOutputs, binary_differences, max_difference
 from ..layers import dge_modules
-from ..layers.saved_options import OPTIONS_STATE
+from ..layers.keys import OPTIONS_STATE
 from ..models.parts import padded_size
 from ..layers.calibration import set_logit_offset
 

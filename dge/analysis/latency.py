@@ -10,10 +10,10 @@ from typing import Callable, Dict, List
 
 import numpy as np
 import torch
-from dge.detectron2.engine import load_weights
 from detectron2.modeling import build_model
 
 from dge.detectron2.data import DEFAULT_PHOTOS, iter_images
+from dge.detectron2.engine import load_weights
 from dge.export import FILE_SUFFIXES, ExportedModel, RoutedOutputs, export_module
 from dge.layers import BudgetLoss, complexity_report, dge_modules, record_routing
 from dge.layers.keys import vanilla_state_dict
@@ -165,9 +165,9 @@ RUNTIMES = ("eager", "exported", "onnxruntime", "openvino", "compile")
 def backbone_runner(backbone, x, runtime: str, workdir: str):
     """A function running ``backbone`` on ``x`` in ``runtime``: eager; ``exported``
     (torch.export, the program's module); ``onnxruntime`` / ``openvino`` (ONNX of the exported
-    program in ONNX Runtime / OpenVINO, on torch's thread count); ``compile`` (``torch.compile``, dynamic query
-    counts captured as unbacked sizes). Exports and compiles happen here, before timing; an
-    exported runner's ``export_path`` is its file."""
+    program in ONNX Runtime / OpenVINO, on torch's thread count); ``compile``
+    (``torch.compile``, dynamic query counts captured as unbacked sizes). Exports and compiles
+    happen here, before timing; an exported runner's ``export_path`` is its file."""
     if runtime == "eager":
         return lambda: backbone(x)
     if runtime == "compile":

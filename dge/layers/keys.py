@@ -11,11 +11,15 @@ from typing import Dict, MutableMapping
 import torch
 from torch import nn
 
-__all__ = ["DGE_OWN_KEYS", "ROUTER_STATE", "is_dge_state", "map_block_keys", "map_dge_keys", "vanilla_state_dict"]
+__all__ = [
+    "DGE_OWN_KEYS", "OPTIONS_STATE", "ROUTER_STATE", "is_dge_state", "map_block_keys", "map_dge_keys",
+    "vanilla_state_dict",
+]
 
-# What a DGE wrapper stores beside its block: the router, its options (get_extra_state), and vtpack's
-# split sizes (conversion only).
-DGE_OWN_KEYS = ("router.", "_extra_state", "splits")
+OPTIONS_STATE = "_extra_state"  # torch's key of a module's get_extra_state(): a DGE block's options
+# What a DGE wrapper stores beside its block: the router, its options, and vtpack's split sizes
+# (conversion only).
+DGE_OWN_KEYS = ("router.", OPTIONS_STATE, "splits")
 # A router's own state, not weights: its table of inference budgets (empty unless calibrated).
 ROUTER_STATE = ("router.budget_targets", "router.budget_offsets")
 
@@ -24,7 +28,7 @@ def is_dge_state(key: str) -> bool:
     """Whether ``key`` is DGE state, not weights: a router's budget table or a DGE block's
     options (``_extra_state``). No checkpoint of other code has them; a model loading a file
     without them keeps its own."""
-    return key.endswith(ROUTER_STATE) or key.rpartition(".")[2] == "_extra_state"
+    return key.endswith(ROUTER_STATE) or key.rpartition(".")[2] == OPTIONS_STATE
 
 
 def map_block_keys(state_dict: MutableMapping[str, torch.Tensor], prefix: str, wrapped: bool) -> None:

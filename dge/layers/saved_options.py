@@ -17,23 +17,24 @@ from typing import Dict, Iterator, List, MutableMapping, Optional, Sequence, Set
 
 import torch
 
-from .keys import ROUTER_STATE
+from .keys import OPTIONS_STATE, ROUTER_STATE
+from .options import ROUTING_KINDS
 
-__all__ = ["OPTIONS_STATE", "allow_other_options", "check_loaded_options", "describe_options", "encode_options"]
+__all__ = ["allow_other_options", "check_loaded_options", "describe_options", "encode_options"]
 
 logger = logging.getLogger(__name__)
 
-OPTIONS_STATE = "_extra_state"  # torch's key suffix of a module's get_extra_state()
-_FORMAT = 1  # first entry of the tensor: its layout, [format, routing kind, region size, |Φ|, Φ..., -1 ...]
+_FORMAT = 1  # first entry of the tensor: its layout, [format, routing kind (index in ROUTING_KINDS), region
+# size, |Φ|, Φ..., -1 ...]
 _LENGTH = 16  # entries: one shape for every Φ, so checkpointers that skip other shapes still compare
-_ROUTINGS = ("region", "layer")  # the routing kind's code is its index here
 _allowed = contextvars.ContextVar("dge_other_options_allowed", default=False)
 _LOADS: "OrderedDict[int, Tuple[List[str], Set[str]]]" = OrderedDict()  # recent loads -> what they said
 
 
 def encode_options(granularities: Sequence[int], region_size: int, routing: str) -> torch.Tensor:
     """The options as the int64 tensor a DGE block stores (``_LENGTH`` entries)."""
-    head = [_FORMAT, _ROUTINGS.index(routing), int(region_size), len(granularities)] + [int(g) for g in granularities]
+    head = [_FORMAT, ROUTING_KINDS.index(routing), int(region_size), len(granularities)]
+    head += [int(g) for g in granularities]
     if len(head) > _LENGTH:
         raise ValueError(f"at most {_LENGTH - 4} granularities can be saved; got {tuple(granularities)}")
     return torch.tensor(head + [-1] * (_LENGTH - len(head)), dtype=torch.int64)
@@ -44,9 +45,9 @@ def _decode(saved) -> Optional[Dict]:
     if not torch.is_tensor(saved) or saved.dim() != 1 or saved.numel() < 4:
         return None
     values: List[int] = saved.tolist()
-    if values[0] != _FORMAT or values[1] not in (0, 1) or values[3] > len(values) - 4:
+    if values[0] != _FORMAT or not 0 <= values[1] < len(ROUTING_KINDS) or values[3] > len(values) - 4:
         return None
-    return {"granularities": values[4:4 + values[3]], "region_size": values[2], "routing": _ROUTINGS[values[1]]}
+    return {"granularities": values[4:4 + values[3]], "region_size": values[2], "routing": ROUTING_KINDS[values[1]]}
 
 
 def describe_options(options: Optional[Dict]) -> str:
@@ -57,9 +58,13 @@ def describe_options(options: Optional[Dict]) -> str:
 
 
 @contextlib.contextmanager
-def allow_other_options() -> Iterator[None]:
-    """While active, weights whose DGE options differ from the model's load: every tensor but
-    the routers', which keep this model's values (a warning names both option sets)."""
+def allow_other_options(allowed: bool = True) -> Iterator[None]:
+    """While active (and ``allowed``: e.g. MODEL.ALLOW_PARTIAL_WEIGHTS), weights whose DGE
+    options differ from the model's load: every tensor but the routers', which keep this
+    model's values (a warning names both option sets). Not ``allowed``: no change."""
+    if not allowed:
+        yield
+        return
     token = _allowed.set(True)
     try:
         yield
@@ -118,7 +123,8 @@ def check_loaded_options(
     elif _once(error_msgs, pair):
         error_msgs.append(
             f"{pair} (first at {prefix.rstrip('.') or 'the model'}): its routers would route differently. "
-            "Set the model's options as the weights have them (detectron2: MODEL.DGE.GRANULARITIES / REGION_SIZE / ROUTING), or load inside "
+            "Set the model's options as the weights have them (detectron2: MODEL.DGE.GRANULARITIES / "
+            "REGION_SIZE / ROUTING), or load inside "
             "`with dge.allow_other_options():` (train_net.py and dge's tools: MODEL.ALLOW_PARTIAL_WEIGHTS True) to "
             "keep this model's routers"
         )

@@ -1,7 +1,6 @@
 """A DetectionCheckpointer whose files are never half-written, that names the file and the
 cause of a failed read or write, that loads weights of other DGE options only when allowed, and
 that never saves (or loads) a model with NaN or inf in it."""
-import contextlib
 import glob
 import os
 from typing import Any, Dict, List, Optional
@@ -13,7 +12,7 @@ from torch import nn
 from dge.files import atomic_save, atomic_write_text
 from dge.layers import allow_other_options, is_dge_state
 
-__all__ = ["AtomicCheckpointer", "first_nonfinite", "load_weights", "other_options_allowed", "remove_unfinished_writes"]
+__all__ = ["AtomicCheckpointer", "first_nonfinite", "load_weights", "remove_unfinished_writes"]
 
 MIN_BACKBONE_SHARE = 0.1  # below this share of the backbone's tensors, a weights file is another model
 
@@ -98,7 +97,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         other DGE options: ``dge.layers.allow_other_options``); otherwise one line says how
         much of the backbone and of the rest it loaded."""
         held = list(checkpoint.get("model", {}))
-        with allow_other_options() if self.allow_partial else contextlib.nullcontext():
+        with allow_other_options(self.allow_partial):
             incompatible = super()._load_model(checkpoint)  # DGE options: checked by each block as it loads
         self.last_incompatible = incompatible
         expected = [k for k in self.model.state_dict() if k.startswith("backbone.") and not is_dge_state(k)]
@@ -138,13 +137,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         atomic_write_text(last_filename_basename, os.path.join(self.save_dir, "last_checkpoint"))
-
-
-def other_options_allowed(cfg):
-    """A context in which loading weights trained under other DGE options keeps this model's
-    routers (``dge.layers.allow_other_options``) when MODEL.ALLOW_PARTIAL_WEIGHTS is set;
-    otherwise such weights are refused."""
-    return allow_other_options() if cfg.MODEL.get("ALLOW_PARTIAL_WEIGHTS", False) else contextlib.nullcontext()
 
 
 def load_weights(model: nn.Module, cfg) -> AtomicCheckpointer:

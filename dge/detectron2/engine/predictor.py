@@ -7,8 +7,7 @@ import numpy as np
 from detectron2.engine import DefaultPredictor
 
 from dge.config import load_config
-
-from .checkpoint import other_options_allowed
+from dge.layers import allow_other_options
 
 __all__ = ["Predictor", "as_predictor_image", "tool_predictor"]
 
@@ -53,7 +52,7 @@ class Predictor(DefaultPredictor):
     ``with dge.allow_other_options():``)."""
 
     def __init__(self, cfg):
-        with other_options_allowed(cfg):
+        with allow_other_options(cfg.MODEL.get("ALLOW_PARTIAL_WEIGHTS", False)):
             super().__init__(cfg)
 
     def __call__(self, original_image):
